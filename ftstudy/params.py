@@ -74,6 +74,51 @@ class DataParams:
     max_chars: int = _spec(20000, ge=16, doc="rows with a longer field are skipped as too_long")
 
 
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ALL_LINEAR = ATTENTION + ["gate_proj", "up_proj", "down_proj"]
+LINEAR_NAMES = tuple(ALL_LINEAR)
+LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+GALORE_OPTIMIZERS = ("galore_adamw", "galore_adamw_layerwise", "galore_adamw_8bit", "galore_adamw_8bit_layerwise")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Shared by every method, so methods differ only in what their own sections say."""
+
+    max_seq_len: int = _spec(256, ge=16, le=32768)
+    max_prompt_tokens: int = _spec(192, ge=8)
+    batch_size: int = _spec(8, ge=1)
+    grad_accum: int = _spec(1, ge=1)
+    warmup_steps: int = _spec(2, ge=0)
+    lr_scheduler: str = _spec("linear", choices=LR_SCHEDULERS)
+    weight_decay: float = _spec(0.0, ge=0)
+    max_grad_norm: float = _spec(1.0, gt=0)
+    save_steps: int = _spec(5, ge=1, doc="checkpoint interval; an interrupted run resumes from the last one")
+    gradient_checkpointing: bool = _spec(False)
+    progress_bar: bool = _spec(True)
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    lora_r: int = _spec(64, ge=1, le=4096)
+    lora_alpha: int = _spec(16, ge=1)
+    lora_dropout: float = _spec(0.05, ge=0, le=0.9)
+    target_modules: list = _spec(list(ATTENTION), subset=LINEAR_NAMES)
+    learning_rate: float = _spec(2e-4, gt=0, le=1)
+    max_steps: int = _spec(20, ge=1)
+
+
+@dataclass(frozen=True)
+class GaloreParams:
+    optimizer: str = _spec("galore_adamw_layerwise", choices=GALORE_OPTIMIZERS)
+    rank: int = _spec(128, ge=1)
+    update_proj_gap: int = _spec(200, ge=1)
+    scale: float = _spec(0.25, gt=0)
+    target_modules: list = _spec(["self_attn", "mlp"], subset=("self_attn", "mlp"))
+    learning_rate: float = _spec(1e-5, gt=0, le=1)
+    max_steps: int = _spec(20, ge=1)
+
+
 @dataclass(frozen=True)
 class EvaluateParams:
     max_new_tokens: int = _spec(64, ge=1, le=4096)
@@ -92,6 +137,12 @@ class Params:
     seed: int = _spec(42, ge=0)
     model: ModelParams = field(default_factory=ModelParams)
     data: DataParams = field(default_factory=DataParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    train_qlora: LoraParams = field(default_factory=LoraParams)
+    train_lora_wide: LoraParams = field(default_factory=lambda: LoraParams(
+        lora_r=128, lora_alpha=32, target_modules=list(ALL_LINEAR)))
+    train_galore: GaloreParams = field(default_factory=GaloreParams)
+    train_sequential_ensemble: GaloreParams = field(default_factory=GaloreParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     report: ReportParams = field(default_factory=ReportParams)
 
@@ -121,10 +172,18 @@ def _build(cls, raw: Any, prefix: str, problems: list[str]):
         if dataclasses.is_dataclass(tp):
             values[name] = _build(tp, value, dotted + ".", problems)
             continue
-        ok = _check_value(dotted, value, tp, f.metadata, problems)
-        if ok:
-            values[name] = value
+        if tp is float and isinstance(value, str):
+            value = _yaml_float(value)  # YAML 1.1 reads `2e-4` (no dot) as a string
+        if _check_value(dotted, value, tp, f.metadata, problems):
+            values[name] = float(value) if tp is float else value
     return cls(**values)
+
+
+def _yaml_float(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _check_value(dotted: str, value: Any, tp, meta, problems: list[str]) -> bool:
@@ -173,6 +232,17 @@ def _cross_checks(p: Params, problems: list[str]) -> None:
             f"exceeds data.pool_per_source ({d.pool_per_source}), the rows generated per source; "
             f"allowed: a sum <= data.pool_per_source (raise the pool or lower the counts)"
         )
+    for name in ("train_galore", "train_sequential_ensemble"):
+        g = getattr(p, name)
+        if g.optimizer.endswith("_layerwise") and p.train.grad_accum != 1:
+            problems.append(
+                f"{name}.optimizer={g.optimizer} with train.grad_accum={p.train.grad_accum}: layer-wise GaLore "
+                f"updates each layer during backward and cannot accumulate gradients; allowed: train.grad_accum: 1, "
+                f"or a non-layerwise optimizer (galore_adamw, galore_adamw_8bit)"
+            )
+    if p.train.max_prompt_tokens >= p.train.max_seq_len:
+        problems.append(f"train.max_prompt_tokens: {p.train.max_prompt_tokens} must be < train.max_seq_len "
+                        f"({p.train.max_seq_len}) to leave room for the response")
     if p.model.source == "tiny_random":
         t = p.model.tiny
         if t.num_attention_heads % t.num_key_value_heads:

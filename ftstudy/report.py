@@ -9,7 +9,14 @@ from ftstudy.atomic import read_json, read_jsonl, write_text
 from ftstudy.params import Params
 from ftstudy.prompt import build_prompt
 
-MODEL_ORDER = ["base"]
+MODEL_ORDER = ["base", "qlora", "lora_wide", "galore", "sequential_ensemble"]
+METHOD_LABELS = {
+    "base": "base model (no fine-tuning)",
+    "qlora": "QLoRA (NF4 4-bit base, LoRA r=64 on attention)",
+    "lora_wide": "wide LoRA (r=128, all linear layers; seed 000's \"modified GaLore\")",
+    "galore": "GaLore (full-parameter, galore-torch optimizer)",
+    "sequential_ensemble": "sequential hybrid (QLoRA merged, then GaLore)",
+}
 
 
 def _models(eval_dir: Path) -> list[str]:
@@ -70,6 +77,7 @@ def build_report(params: Params, root: str | Path = ".") -> str:
     out += [_table(["model", "BLEU-4 (0-100)", "ROUGE-L F1 (0-1)", "ROUGE-L vs base", "test items",
                     "generated tokens/s"], rows), ""]
 
+    out += _methods_table(root, models, evals)
     out += ["### Per source", ""]
     sources = list(data["sources"])
     header = ["model"] + [f"{s} BLEU-4" for s in sources] + [f"{s} ROUGE-L" for s in sources]
@@ -77,8 +85,63 @@ def build_report(params: Params, root: str | Path = ".") -> str:
             + [f"{evals[m]['per_source'][s]['rouge_l_f1_0_1']:.4f}" for s in sources] for m in models]
     out += [_table(header, rows), ""]
 
+    out += _figures(root, models, evals)
     out += _samples(params, root, models)
     return "\n".join(out).rstrip() + "\n"
+
+
+def _methods_table(root: Path, models: list[str], evals: dict) -> list[str]:
+    """The seeds' table: quality before/after and the cost of getting there."""
+    trained = {m: read_json(root / f"metrics/train/{m}.json") for m in models if (root / f"metrics/train/{m}.json").exists()}
+    if not trained or "base" not in evals:
+        return []
+    b = evals["base"]["overall"]
+    rows = []
+    for m, t in trained.items():
+        o = evals[m]["overall"]
+        mem = f"{t['peak_memory_gb']:.2f} ({'GPU max allocated' if t['peak_memory_kind'].startswith('cuda') else 'CPU peak RSS'})"
+        rows.append([METHOD_LABELS.get(m, m), f"{b['bleu4_corpus_0_100']:.2f}", f"{o['bleu4_corpus_0_100']:.2f}",
+                     f"{b['rouge_l_f1_0_1']:.4f}", f"{o['rouge_l_f1_0_1']:.4f}", mem, f"{t['train_seconds'] / 60:.1f}",
+                     t["steps"], f"{t['tokens_per_s']:.0f}", f"{t['trainable_params']:,}", t["optimizer"],
+                     f"{t['final_train_loss']:.3f}"])
+    return ["### Methods", "",
+            _table(["method", "BLEU-4 before", "BLEU-4 after", "ROUGE-L before", "ROUGE-L after", "peak memory GB",
+                    "training min", "steps", "train tokens/s", "trainable params", "optimizer that ran",
+                    "final train loss"], rows), "",
+            f"Training ran on `{next(iter(trained.values()))['device']}`. Peak memory on a CPU is the training process's "
+            "peak resident set size (model loading included); on a GPU it is torch's maximum allocated memory.", ""]
+
+
+def _figures(root: Path, models: list[str], evals: dict) -> list[str]:
+    """Draw the figures into reports/ and return the markdown that shows them."""
+    from ftstudy import plots
+
+    figs = root / "reports"
+    out = ["## Figures", ""]
+    curves = {m: root / f"dvclive/{m}/plots/metrics/train/loss.tsv" for m in models}
+    curves = {m: p for m, p in curves.items() if p.exists()}
+    if curves:
+        plots.loss_curves(curves, figs / "training_loss.png")
+        out += ["![training loss of every method](reports/training_loss.png)", ""]
+    trained = {m: read_json(root / f"metrics/train/{m}.json") for m in models if (root / f"metrics/train/{m}.json").exists()}
+    if trained:
+        rouge = {m: evals[m]["overall"]["rouge_l_f1_0_1"] for m in trained}
+        kind = next(iter(trained.values()))["peak_memory_kind"]
+        plots.frontier({m: (trained[m]["peak_memory_gb"], rouge[m]) for m in trained},
+                       f"peak memory, GB ({kind})", "ROUGE-L F1 (0-1)", "Quality vs peak memory",
+                       figs / "quality_vs_memory.png")
+        plots.frontier({m: (trained[m]["train_seconds"] / 60, rouge[m]) for m in trained},
+                       "training time, minutes", "ROUGE-L F1 (0-1)", "Quality vs training time",
+                       figs / "quality_vs_time.png")
+        out += ["![ROUGE-L against peak memory](reports/quality_vs_memory.png)", "",
+                "![ROUGE-L against training time](reports/quality_vs_time.png)", ""]
+    plots.per_source_bars({m: {s: v["rouge_l_f1_0_1"] for s, v in evals[m]["per_source"].items()} for m in models},
+                          "ROUGE-L F1", figs / "rouge_per_source.png")
+    plots.per_source_bars({m: {s: v["bleu4_corpus_0_100"] for s, v in evals[m]["per_source"].items()} for m in models},
+                          "BLEU-4", figs / "bleu_per_source.png")
+    out += ["![ROUGE-L per source](reports/rouge_per_source.png)", "",
+            "![BLEU-4 per source](reports/bleu_per_source.png)", ""]
+    return out
 
 
 def _samples(params: Params, root: Path, models: list[str]) -> list[str]:

@@ -17,6 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SKIP = ("models/", "data/", "metrics/", "REPORT.md", "dvc.lock", ".params_valid", ".dvc/cache", ".dvc/tmp")
 
 pytestmark = pytest.mark.slow
+METHODS = ["qlora", "lora_wide", "galore", "sequential_ensemble"]
+ALL_STAGES = {"validate_params", "fetch_model", "fetch_data", "preprocess", "report"} | {
+    f"train_{m}" for m in METHODS} | {f"evaluate@{m}" for m in ["base", *METHODS]}
 
 
 def _copy_repo(dst: Path) -> None:
@@ -49,13 +52,16 @@ def micro_repo(tmp_path_factory):
     compose_and_dump(repo / "params.yaml", os.fspath(repo / "conf"), None, "config", "", ["profile=micro"])
     env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
     _run(["git", "init", "-q"], repo, env)
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], repo, env)  # as a clone has
     first = _run(["dvc", "repro"], repo, env)
     return repo, env, first.stdout
 
 
 def test_repro_runs_the_whole_dag(micro_repo):
     repo, env, stdout = micro_repo
-    assert _ran(stdout) == ["validate_params", "fetch_model", "fetch_data", "preprocess", "evaluate@base", "report"]
+    ran = _ran(stdout)
+    assert set(ran) == ALL_STAGES and ran[0] == "validate_params" and ran[-1] == "report"
     metrics = json.loads(_run(["dvc", "metrics", "show", "--json"], repo, env).stdout)
     flat = json.dumps(metrics)
     for key in ("bleu4_corpus_0_100", "rouge_l_f1_0_1", "per_source", "ultrachat", "alpaca", "tulu"):
@@ -86,7 +92,19 @@ def test_changing_an_eval_param_reruns_only_evaluate_and_report(micro_repo):
     params["evaluate"]["max_new_tokens"] += 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run(["dvc", "repro"], repo, env).stdout
-    assert _ran(out) == ["validate_params", "evaluate@base", "report"]
+    assert set(_ran(out)) == {"validate_params", "report"} | {f"evaluate@{m}" for m in ["base", *METHODS]}
+
+
+def test_changing_a_qlora_param_reruns_only_qlora_and_what_consumes_it(micro_repo):
+    repo, env, _ = micro_repo
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train_qlora"]["lora_r"] += 4
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _run(["dvc", "repro"], repo, env).stdout
+    assert set(_ran(out)) == {"validate_params", "train_qlora", "train_sequential_ensemble", "evaluate@qlora",
+                              "evaluate@sequential_ensemble", "report"}
+    trained = json.loads((repo / "metrics/train/qlora.json").read_text())
+    assert trained["optimizer"] == "adamw_torch" and trained["steps"] == params["train_qlora"]["max_steps"]
 
 
 def test_a_bad_param_fails_first_with_a_clear_message(micro_repo):

@@ -1,0 +1,106 @@
+"""Run every method's real training code for a few steps on a random-weight model; print cost per method.
+
+    python benchmarks/train_methods.py --arch gemma-3-1b --steps 6 --out results.json   # on a GPU
+    python benchmarks/train_methods.py --arch tiny --steps 2                            # CPU smoke run
+
+The weights are random (no pretrained weights reach the GPU machine), which does not change compute or
+memory. Each method goes through ftstudy.training.train, the same path the DVC stages use, with the
+optimizer a user of that device would get: 8-bit layer-wise GaLore on CUDA, its CPU variant otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ftstudy import synthetic
+from ftstudy.atomic import write_json, write_jsonl
+from ftstudy.models import tiny_config, train_tiny_tokenizer
+from ftstudy.params import Params, TinyModelParams
+from ftstudy.sources import convert_rows
+from ftstudy.training import METHODS, method_spec, train
+
+# google/gemma-3-1b-it's text configuration (../shared/GPU.md).
+GEMMA3_1B = dict(vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+                 num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
+                 max_position_embeddings=32768, rope_theta=1_000_000.0, rope_local_base_freq=10000.0,
+                 query_pre_attn_scalar=256, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+                 pad_token_id=0, eos_token_id=1, bos_token_id=2)
+
+
+def build_base(arch: str, out: Path) -> None:
+    """A random-weight base checkpoint with a small BPE tokenizer (its ids are valid in any vocabulary)."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    tokenizer = train_tiny_tokenizer(512, seed=0)
+    if arch == "gemma-3-1b":
+        config = Gemma3TextConfig(**GEMMA3_1B)
+    else:
+        config = tiny_config(TinyModelParams(), len(tokenizer))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    write_json(out / "fetch_info.json", {"source": f"random-{arch}"})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=["gemma-3-1b", "tiny"], default="gemma-3-1b")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+
+    work = Path(tempfile.mkdtemp(prefix="train_methods_"))
+    build_base(args.arch, work / "models" / "base")
+    recs = []
+    for source, splits in synthetic.RAW_SPLITS.items():
+        recs += list(convert_rows(source, synthetic.generate(source, splits[0], 400, 0), 10**6, "last_turn"))
+    write_jsonl(work / "train.jsonl", recs)
+
+    p = Params()
+    galore_opt = "galore_adamw_8bit_layerwise" if cuda else "galore_adamw_layerwise"
+    p = dataclasses.replace(
+        p, train=dataclasses.replace(p.train, batch_size=args.batch, save_steps=10**6, warmup_steps=0,
+                                     progress_bar=False, gradient_checkpointing=args.gradient_checkpointing),
+        train_galore=dataclasses.replace(p.train_galore, optimizer=galore_opt, max_steps=args.steps),
+        train_sequential_ensemble=dataclasses.replace(p.train_sequential_ensemble, optimizer=galore_opt,
+                                                      max_steps=args.steps),
+        train_qlora=dataclasses.replace(p.train_qlora, max_steps=args.steps),
+        train_lora_wide=dataclasses.replace(p.train_lora_wide, max_steps=args.steps),
+    )
+    results = []
+    order = [m for m in METHODS if m in args.methods]
+    if "sequential_ensemble" in order and "qlora" not in order:
+        order.insert(0, "qlora")  # the hybrid starts from the QLoRA adapter
+    for name in order:
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        m = train(method_spec(p, name), p, train_path=work / "train.jsonl", models_dir=work / "models",
+                  out_dir=work / "models" / name, ckpt_dir=work / "ck" / name, live_dir=None)
+        m["arch"] = args.arch
+        m["gpu"] = torch.cuda.get_device_name() if cuda else None
+        results.append(m)
+        print(json.dumps(m), flush=True)
+
+    print(f"\n{'method':22} {'optimizer':30} {'steps':>5} {'tokens/s':>10} {'peak GB':>8} {'loss':>8}")
+    for m in results:
+        print(f"{m['method']:22} {m['optimizer']:30} {m['steps']:>5} {m['tokens_per_s']:>10.0f} "
+              f"{m['peak_memory_gb']:>8.2f} {m['final_train_loss']:>8.3f}")
+    if args.out:
+        write_json(args.out, results)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,371 @@
+"""One training path for every method. A method is data (:class:`MethodSpec`), never a copy of a script.
+
+The methods differ in four choices: where the weights start, whether the base is quantized, which
+adapter (if any) is trained, and which optimizer runs. Everything else (tokenization with
+completion-only labels, batching, the transformers Trainer loop, checkpoints, resume, curves and cost
+metrics) is shared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ftstudy.atomic import atomic_dir, read_jsonl, write_json
+from ftstudy.errors import UserError
+from ftstudy.loss import completion_loss
+from ftstudy.params import Params
+from ftstudy.prompt import IGNORE_INDEX, tokenize_example
+
+METHODS = ("qlora", "galore", "lora_wide", "sequential_ensemble")
+EIGHT_BIT_OPTIMIZERS = ("galore_adamw_8bit", "galore_adamw_8bit_layerwise")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GaloreSpec:
+    rank: int
+    update_proj_gap: int
+    scale: float
+    target_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    start: str                 # "base", or "merged:<method>" (that method's adapter merged into the base)
+    quantize_4bit: bool        # NF4 with double quantization (QLoRA)
+    lora: LoraSpec | None      # None: full-parameter training
+    optimizer: str             # a transformers `optim` name
+    galore: GaloreSpec | None
+    learning_rate: float
+    max_steps: int
+
+
+def method_spec(params: Params, name: str) -> MethodSpec:
+    """The spec of ``name`` from params: the only place where methods differ."""
+    if name == "qlora":
+        q = params.train_qlora
+        return MethodSpec(name, "base", True, LoraSpec(q.lora_r, q.lora_alpha, q.lora_dropout, tuple(q.target_modules)),
+                          "adamw_torch", None, q.learning_rate, q.max_steps)
+    if name == "lora_wide":
+        w = params.train_lora_wide
+        return MethodSpec(name, "base", False, LoraSpec(w.lora_r, w.lora_alpha, w.lora_dropout, tuple(w.target_modules)),
+                          "adamw_torch", None, w.learning_rate, w.max_steps)
+    if name in ("galore", "sequential_ensemble"):
+        g = params.train_galore if name == "galore" else params.train_sequential_ensemble
+        return MethodSpec(name, "base" if name == "galore" else "merged:qlora", False, None, g.optimizer,
+                          GaloreSpec(g.rank, g.update_proj_gap, g.scale, tuple(g.target_modules)),
+                          g.learning_rate, g.max_steps)
+    raise UserError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
+
+
+def check_hardware(spec: MethodSpec, cuda: bool | None = None) -> None:
+    """Refuse, before loading anything, what this machine cannot run; never swap it silently."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if spec.optimizer in EIGHT_BIT_OPTIMIZERS and not cuda:
+        raise UserError(
+            f"train_{spec.name}.optimizer={spec.optimizer} needs CUDA (bitsandbytes' 8-bit optimizers), and no CUDA "
+            f"device is visible; on a CPU use galore_adamw_layerwise or galore_adamw"
+        )
+
+
+def device_kind() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype() -> torch.dtype:
+    # bf16 on GPU as the seeds did; fp32 on CPU, where bf16 matmuls are slow and less exact.
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+# ---------------------------------------------------------------- data
+
+
+class Collator:
+    """Right-pads a batch; padding gets IGNORE_INDEX labels and a zero attention mask. Counts real tokens."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+        self.tokens_seen = 0
+
+    def __call__(self, examples: list[dict]) -> dict:
+        width = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            ids[i, :n] = torch.tensor(e["input_ids"])
+            labels[i, :n] = torch.tensor(e["labels"])
+            mask[i, :n] = 1
+        self.tokens_seen += int(mask.sum())
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def tokenize_dataset(tokenizer, records: list[dict], max_seq_len: int, max_prompt_tokens: int) -> list[dict]:
+    return [tokenize_example(tokenizer, r, max_seq_len, max_prompt_tokens) for r in records]
+
+
+# ---------------------------------------------------------------- model
+
+
+def load_start_model(spec: MethodSpec, base_dir: Path, models_dir: Path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = compute_dtype()
+    if spec.start == "base":
+        kwargs = {"dtype": dtype}
+        if spec.quantize_4bit:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype,
+            )
+            kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+        model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    else:
+        model = merged_model(base_dir, models_dir / spec.start.split(":", 1)[1], dtype)
+    return model
+
+
+def merged_model(base_dir: Path, adapter_dir: Path, dtype: torch.dtype):
+    """The base with an adapter merged in, as a plain model (used to evaluate adapters and to chain methods)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+
+
+def attach_adapter(model, spec: MethodSpec, gradient_checkpointing: bool):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if spec.lora is None:
+        model.requires_grad_(True)  # full-parameter training; a merged PEFT model comes back frozen
+        return model
+    if spec.quantize_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+                        target_modules=list(spec.lora.target_modules), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def _numel(p) -> int:
+    # bitsandbytes packs two 4-bit weights per byte; count the weights, not the bytes.
+    state = getattr(p, "quant_state", None)
+    return state.shape.numel() if state is not None else p.numel()
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
+    return trainable, total
+
+
+# ---------------------------------------------------------------- memory, curves
+
+
+def peak_memory() -> dict:
+    if torch.cuda.is_available():
+        return {"peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 3),
+                "peak_memory_kind": "cuda_max_allocated"}
+    # ru_maxrss is in KiB on Linux: the whole process's high-water mark, model loading included.
+    return {"peak_memory_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+            "peak_memory_kind": "cpu_peak_rss"}
+
+
+def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest checkpoint whose trainer_state.json (the Trainer writes it last) is complete.
+
+    A run killed while saving leaves a half-written checkpoint-N; resuming from it would crash or,
+    worse, load partial state, so it is skipped in favour of the one before.
+    """
+    found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for ck in found:
+        try:
+            json.loads((ck / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        return ck
+    return None
+
+
+def _truncate_curves(live_dir: Path, last_step: int) -> None:
+    """Drop curve rows logged after the checkpoint being resumed, which the resumed run logs again."""
+    for tsv in live_dir.glob("plots/metrics/**/*.tsv"):
+        lines = tsv.read_text().splitlines()
+        kept = lines[:1] + [ln for ln in lines[1:] if int(ln.split("\t")[0]) <= last_step]
+        tsv.write_text("\n".join(kept) + "\n")
+
+
+def _curve_callback(live_dir: Path, resume: bool):
+    from dvclive import Live
+    from transformers import TrainerCallback
+
+    class CurveCallback(TrainerCallback):
+        """Step loss and learning rate to dvclive TSVs, which dvc.yaml declares as plots."""
+
+        def __init__(self):
+            self.live = Live(str(live_dir), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "loss" not in logs:
+                return
+            self.live.step = state.global_step
+            self.live.log_metric("train/loss", float(logs["loss"]))
+            if "learning_rate" in logs:
+                self.live.log_metric("train/learning_rate", float(logs["learning_rate"]))
+            self.live.next_step()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.live.end()
+
+    return CurveCallback()
+
+
+# ---------------------------------------------------------------- train
+
+
+def completion_trainer_class():
+    from transformers import Trainer
+
+    class CompletionTrainer(Trainer):
+        """The transformers Trainer with the completion-only loss of ftstudy.loss."""
+
+        loss_is_scaled_for_ga = True  # the loss is normalised by the accumulated batch's token count
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = completion_loss(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"],
+                                   num_items_in_batch)
+            return (loss, None) if return_outputs else loss
+
+    return CompletionTrainer
+
+
+def fingerprint(spec: MethodSpec, params: Params, train_path: Path, start_dir: Path) -> str:
+    """What a checkpoint was made from; a checkpoint is resumed only when this matches."""
+    h = hashlib.sha256(json.dumps({"spec": asdict(spec), "train": asdict(params.train), "seed": params.seed},
+                                  sort_keys=True).encode())
+    h.update(train_path.read_bytes())
+    info = start_dir / "fetch_info.json"
+    if info.exists():
+        h.update(info.read_bytes())
+    return h.hexdigest()
+
+
+def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_dir: str | Path,
+          out_dir: str | Path, ckpt_dir: str | Path, live_dir: str | Path | None) -> dict:
+    """Train ``spec`` and write its adapter or model to ``out_dir`` atomically; return its metrics.
+
+    ``ckpt_dir`` survives an interrupted run (DVC ``persist``); a rerun with the same fingerprint
+    resumes from its last checkpoint, a rerun with anything changed starts afresh. ``live_dir`` receives
+    the loss and learning-rate curves (dvclive); None skips them (the GPU benchmark, where dvclive is absent).
+    """
+    from transformers import TrainingArguments, set_seed
+
+    check_hardware(spec)
+    t = params.train
+    models_dir, ckpt_dir, train_path = Path(models_dir), Path(ckpt_dir), Path(train_path)
+    base_dir = models_dir / "base"
+    fp = fingerprint(spec, params, train_path, base_dir)
+    stamp = ckpt_dir / "fingerprint.txt"
+    if ckpt_dir.exists() and (not stamp.exists() or stamp.read_text() != fp):
+        shutil.rmtree(ckpt_dir)  # made from other params or data: resuming it would mix two runs
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fp)
+    last = last_complete_checkpoint(ckpt_dir)
+    resumed_from = int(last.name.split("-")[-1]) if last else 0
+    if last:
+        print(f"resuming {spec.name} from {last} (step {resumed_from})")
+    if live_dir is not None and last:
+        _truncate_curves(Path(live_dir), resumed_from)
+    elif live_dir is not None:
+        shutil.rmtree(live_dir, ignore_errors=True)
+
+    set_seed(params.seed)
+    from ftstudy.models import load_tokenizer
+
+    tokenizer = load_tokenizer(base_dir, padding_side="right")
+    records = read_jsonl(train_path)
+    dataset = tokenize_dataset(tokenizer, records, t.max_seq_len, t.max_prompt_tokens)
+    model = load_start_model(spec, base_dir, models_dir)
+    model.config.use_cache = False
+    model = attach_adapter(model, spec, t.gradient_checkpointing)
+    trainable, total = count_parameters(model)
+
+    optim_kwargs = {}
+    if spec.galore is not None:
+        g = spec.galore
+        optim_kwargs = {"optim_target_modules": list(g.target_modules),
+                        "optim_args": f"rank={g.rank},update_proj_gap={g.update_proj_gap},scale={g.scale}"}
+    cuda = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir), max_steps=spec.max_steps, per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum, learning_rate=spec.learning_rate, warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.lr_scheduler, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        logging_steps=1, save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        bf16=cuda, use_cpu=not cuda, seed=params.seed, data_seed=params.seed, report_to="none",
+        dataloader_num_workers=0, remove_unused_columns=False, optim=spec.optimizer,
+        disable_tqdm=not t.progress_bar, **optim_kwargs,
+    )
+    collator = Collator(tokenizer.pad_token_id)
+    trainer = completion_trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                      callbacks=[] if live_dir is None else [_curve_callback(Path(live_dir), resume=last is not None)])
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    seconds = time.perf_counter() - start
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if spec.lora is None:
+            tokenizer.save_pretrained(tmp)
+        write_json(tmp / "training_config.json", {"spec": asdict(spec), "train": asdict(t), "seed": params.seed,
+                                                  "profile": params.profile, "fingerprint": fp})
+    metrics = {
+        "method": spec.name,
+        "profile": params.profile,
+        "optimizer": spec.optimizer,
+        "device": device_kind(),
+        "train_seconds": round(seconds, 2),
+        "tokens_per_s": round(collator.tokens_seen / seconds, 2) if seconds else 0.0,
+        "trained_tokens": collator.tokens_seen,
+        "steps": result.global_step,
+        "resumed_from_step": resumed_from,
+        "trainable_params": trainable,
+        "total_params": total,
+        "final_train_loss": round(float(losses[-1]), 6) if losses else math.nan,
+        "mean_train_loss": round(float(result.training_loss), 6),
+        **peak_memory(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if os.environ.get("FTSTUDY_KEEP_CHECKPOINTS") != "1":
+        for ck in ckpt_dir.glob("checkpoint-*"):
+            shutil.rmtree(ck)  # finished: the final model is in out_dir; keep the (small) stamp only
+    return metrics

@@ -1,0 +1,25 @@
+"""Stage train_<method>: one training path for every method (see ftstudy/training.py)."""
+
+import argparse
+
+from ftstudy.atomic import write_json
+from ftstudy.errors import run_stage
+from ftstudy.params import load_params
+from ftstudy.training import METHODS, method_spec, train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("method", choices=METHODS)
+    args = parser.parse_args()
+    params = load_params()
+    spec = method_spec(params, args.method)
+    m = train(spec, params, train_path="data/processed/train.jsonl", models_dir="models",
+              out_dir=f"models/{spec.name}", ckpt_dir=f"checkpoints/{spec.name}", live_dir=f"dvclive/{spec.name}")
+    write_json(f"metrics/train/{spec.name}.json", m)
+    print(f"{spec.name}: {m['steps']} steps in {m['train_seconds']} s, {m['tokens_per_s']} tokens/s, "
+          f"peak {m['peak_memory_gb']} GB ({m['peak_memory_kind']}), final loss {m['final_train_loss']}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

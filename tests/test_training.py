@@ -1,0 +1,123 @@
+"""The shared training path on the tiny model: masking, loss equivalence, that training trains, hardware gates."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ftstudy import synthetic
+from ftstudy.atomic import write_jsonl
+from ftstudy.errors import UserError
+from ftstudy.loss import completion_loss
+from ftstudy.params import GaloreParams, LoraParams, Params, TrainParams
+from ftstudy.prompt import IGNORE_INDEX, tokenize_example
+from ftstudy.sources import convert_rows
+from ftstudy.training import Collator, check_hardware, method_spec, train
+
+
+def _records(n=24, seed=0):
+    rows = synthetic.generate("alpaca", "train", n, seed)
+    return list(convert_rows("alpaca", rows, 10**6, "last_turn"))
+
+
+def _batch(tokenizer, recs):
+    return Collator(tokenizer.pad_token_id)([tokenize_example(tokenizer, r, 96, 64) for r in recs])
+
+
+def test_prompt_positions_get_zero_gradient_and_eos_is_learned(tiny_model, tiny_tokenizer):
+    """A masked prompt contributes nothing: the loss gradient w.r.t. its logits is exactly zero."""
+    batch = _batch(tiny_tokenizer, _records(3))
+    out = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = out.logits.detach().requires_grad_(True)
+    targets = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+    loss.backward()
+    grad_norm = logits.grad[:, :-1].abs().sum(-1)
+    masked = targets == IGNORE_INDEX
+    assert torch.all(grad_norm[masked] == 0)
+    assert torch.all(grad_norm[~masked] > 0)
+    eos = tiny_tokenizer.eos_token_id
+    assert all(eos in row.tolist() for row in batch["labels"])
+
+
+def test_masked_prompt_contributes_no_loss(tiny_model, tiny_tokenizer):
+    """The loss is the mean cross-entropy of the response tokens (EOS included) alone, computed here by hand."""
+    batch = _batch(tiny_tokenizer, _records(3))
+    ours = completion_loss(tiny_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    logits = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    terms = []
+    for row in range(batch["input_ids"].shape[0]):
+        for pos in range(1, batch["input_ids"].shape[1]):
+            target = int(batch["labels"][row, pos])
+            if target != IGNORE_INDEX:
+                terms.append(-torch.log_softmax(logits[row, pos - 1], -1)[target])
+    assert ours.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+    unmasked = torch.where(batch["attention_mask"].bool(), batch["input_ids"], IGNORE_INDEX)
+    with_prompt = completion_loss(tiny_model, batch["input_ids"], batch["attention_mask"], unmasked)
+    assert not torch.allclose(ours, with_prompt)  # without the mask the prompt would count
+
+
+def test_completion_loss_equals_the_standard_full_logits_loss(tiny_model, tiny_tokenizer):
+    batch = _batch(tiny_tokenizer, _records(4))
+    ours = completion_loss(tiny_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    standard = tiny_model(**batch).loss
+    assert ours.item() == pytest.approx(standard.item(), rel=1e-5)
+
+
+def test_8bit_optimizer_without_cuda_is_a_clear_error():
+    p = Params(train_galore=GaloreParams(optimizer="galore_adamw_8bit_layerwise"))
+    with pytest.raises(UserError, match="needs CUDA.*galore_adamw_layerwise"):
+        check_hardware(method_spec(p, "galore"), cuda=False)
+    check_hardware(method_spec(Params(), "galore"), cuda=False)  # the CPU variant is fine
+
+
+def _tiny_params(tiny_model_dir, **sections) -> Params:
+    base = Params(train=TrainParams(batch_size=4, max_seq_len=96, max_prompt_tokens=64, save_steps=2,
+                                    warmup_steps=0, progress_bar=False))
+    return dataclasses.replace(base, **sections)
+
+
+@pytest.fixture()
+def workdir(tmp_path, tiny_model_dir):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "base").symlink_to(tiny_model_dir)
+    write_jsonl(tmp_path / "train.jsonl", _records(32))
+    return tmp_path
+
+
+def _train(workdir, params, name):
+    return train(method_spec(params, name), params, train_path=workdir / "train.jsonl", models_dir=workdir / "models",
+                 out_dir=workdir / "models" / name, ckpt_dir=workdir / "ck" / name, live_dir=workdir / "live" / name)
+
+
+def test_lora_trains_the_adapter_and_leaves_the_base_alone(workdir, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    params = _tiny_params(tiny_model_dir, train_lora_wide=LoraParams(lora_r=4, lora_alpha=8, max_steps=3,
+                                                                      learning_rate=1e-2, target_modules=["q_proj", "down_proj"]))
+    before = load_file(tiny_model_dir / "model.safetensors")
+    m = _train(workdir, params, "lora_wide")
+    adapter = load_file(workdir / "models/lora_wide/adapter_model.safetensors")
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # lora_B starts at zero: nonzero means it trained
+    after = load_file(tiny_model_dir / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert m["steps"] == 3 and 0 < m["trainable_params"] < m["total_params"]
+    assert (workdir / "live/lora_wide/plots/metrics/train/loss.tsv").read_text().count("\n") == 4
+
+
+def test_galore_trains_every_parameter(workdir, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    params = _tiny_params(tiny_model_dir, train_galore=GaloreParams(rank=4, max_steps=2, learning_rate=1e-3))
+    m = _train(workdir, params, "galore")
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after = load_file(workdir / "models/galore/model.safetensors")
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any("self_attn" in k for k in changed) and any("mlp" in k for k in changed)
+    assert m["optimizer"] == "galore_adamw_layerwise" and m["trainable_params"] == m["total_params"]
+    assert m["peak_memory_gb"] > 0 and m["tokens_per_s"] > 0
