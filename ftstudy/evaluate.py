@@ -1,4 +1,8 @@
-"""Evaluate one model on the shared held-out test set: predictions and BLEU-4 / ROUGE-L metrics."""
+"""Evaluate one model (or the re-rank ensemble) on the shared held-out test set.
+
+Writes the predictions (one row per test item, with its ROUGE-L) and a metrics file with BLEU-4 and
+ROUGE-L overall and per source; the seeds' showcase prompts are answered too, for the report.
+"""
 
 from __future__ import annotations
 
@@ -10,41 +14,85 @@ import torch
 from ftstudy.atomic import read_jsonl, write_json, write_jsonl
 from ftstudy.generation import generate
 from ftstudy.metrics import score_by_source
-from ftstudy.models import load_model, load_tokenizer
-from ftstudy.training import merged_model
+from ftstudy.models import load_model, load_tokenizer, merged_model
 from ftstudy.params import Params
 
 
+def _device_dtype() -> tuple[str, torch.dtype]:
+    return ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+
+
+def load_for_eval(model_dir: str | Path, base_dir: str | Path):
+    """A trained model ready for generation: adapters are merged into the full-precision base.
+
+    QLoRA's adapter too: merged into the unquantized base is how such adapters are usually served, and it
+    puts every adapter on the same base.
+    """
+    device, dtype = _device_dtype()
+    model_dir = Path(model_dir)
+    if (model_dir / "adapter_config.json").exists():
+        return merged_model(Path(base_dir), model_dir, dtype).to(device).eval()
+    return load_model(model_dir, dtype=dtype, device=device)
+
+
+def _showcase(model, tokenizer, params: Params) -> list[dict]:
+    p = params.evaluate
+    recs = [{"instruction": q, "input": "", "history": []} for q in p.showcase_prompts]
+    answers, _ = generate(model, tokenizer, recs, max_new_tokens=p.max_new_tokens, batch_size=p.batch_size,
+                          max_prompt_tokens=p.max_prompt_tokens, progress=False)
+    return [{"prompt": q, "answer": a} for q, a in zip(p.showcase_prompts, answers, strict=True)]
+
+
+def write_results(name: str, records: list[dict], predictions: list[str], extra: dict, params: Params,
+                  predictions_path: str | Path, metrics_path: str | Path, extra_rows: list[dict] | None = None) -> dict:
+    rows = [{"id": r["id"], "source": r["source"], "prediction": pred, "reference": r["response"]}
+            for r, pred in zip(records, predictions, strict=True)]
+    scores = score_by_source(rows)
+    for i, (row, item) in enumerate(zip(rows, scores.pop("rouge_l_items"), strict=True)):
+        row["rouge_l_f1"] = round(item, 6)
+        if extra_rows:
+            row.update(extra_rows[i])
+    device, _ = _device_dtype()
+    metrics = {"model": name, "profile": params.profile, **scores,
+               "generation": {**extra, "max_new_tokens": params.evaluate.max_new_tokens,
+                              "batch_size": params.evaluate.batch_size, "device": device,
+                              "torch": torch.__version__, "python": platform.python_version()}}
+    write_jsonl(predictions_path, rows)
+    write_json(metrics_path, metrics)
+    return metrics
+
+
 def evaluate(name: str, model_dir: str | Path, base_dir: str | Path, test_path: str | Path, params: Params,
-             predictions_path: str | Path, metrics_path: str | Path, progress: bool = True) -> dict:
+             predictions_path: str | Path, metrics_path: str | Path, showcase_path: str | Path,
+             progress: bool = True) -> dict:
     p = params.evaluate
     records = read_jsonl(test_path)
-    model_dir, base_dir = Path(model_dir), Path(base_dir)
     tokenizer = load_tokenizer(base_dir)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    if (model_dir / "adapter_config.json").exists():
-        # Adapters are evaluated merged into the full-precision base (QLoRA's too): the usual way to serve them,
-        # and the same base for every adapter.
-        model = merged_model(base_dir, model_dir, dtype).to(device).eval()
-    else:
-        model = load_model(model_dir, dtype=dtype, device=device)
+    model = load_for_eval(model_dir, base_dir)
     predictions, gen_stats = generate(
         model, tokenizer, records, max_new_tokens=p.max_new_tokens, batch_size=p.batch_size,
         max_prompt_tokens=p.max_prompt_tokens, progress=progress,
     )
-    rows = [{"id": r["id"], "source": r["source"], "prediction": pred, "reference": r["response"]}
-            for r, pred in zip(records, predictions, strict=True)]
-    scores = score_by_source(rows)
-    for row, item in zip(rows, scores.pop("rouge_l_items"), strict=True):
-        row["rouge_l_f1"] = round(item, 6)
-    metrics = {
-        "model": name,
-        "profile": params.profile,
-        **scores,
-        "generation": {**gen_stats, "max_new_tokens": p.max_new_tokens, "batch_size": p.batch_size,
-                       "device": device, "torch": torch.__version__, "python": platform.python_version()},
-    }
-    write_jsonl(predictions_path, rows)
-    write_json(metrics_path, metrics)
-    return metrics
+    write_jsonl(showcase_path, _showcase(model, tokenizer, params))
+    return write_results(name, records, predictions, gen_stats, params, predictions_path, metrics_path)
+
+
+def evaluate_rerank(models_dir: str | Path, test_path: str | Path, params: Params, predictions_path: str | Path,
+                    metrics_path: str | Path, progress: bool = True) -> dict:
+    """Seed 004's ensemble, evaluated like any model; its extra cost is reported as time."""
+    from ftstudy.rerank import rerank
+
+    models_dir, r, p = Path(models_dir), params.rerank, params.evaluate
+    records = read_jsonl(test_path)
+    tokenizer = load_tokenizer(models_dir / "base")
+    proposer = load_for_eval(models_dir / r.proposer, models_dir / "base")
+    scorer = load_for_eval(models_dir / r.scorer, models_dir / "base")
+    chosen, candidates, timing = rerank(
+        proposer, scorer, tokenizer, records, k=r.k, temperature=r.temperature, top_p=r.top_p,
+        max_new_tokens=p.max_new_tokens, batch_size=p.batch_size, max_prompt_tokens=p.max_prompt_tokens,
+        seed=params.seed, progress=progress,
+    )
+    extra = {**timing, "k": r.k, "temperature": r.temperature, "top_p": r.top_p, "proposer": r.proposer,
+             "scorer": r.scorer}
+    return write_results("rerank", records, chosen, extra, params, predictions_path, metrics_path,
+                         extra_rows=[{"candidates": c} for c in candidates])

@@ -160,3 +160,12 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     model.eval()
     return model
+
+
+def merged_model(base_dir: Path, adapter_dir: Path, dtype: torch.dtype):
+    """The base with an adapter merged in, as a plain model (used to evaluate adapters and to chain methods)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()

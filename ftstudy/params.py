@@ -30,9 +30,9 @@ class ParamsError(ValueError):
     """params.yaml is invalid; the message lists every problem found."""
 
 
-def _spec(default: Any = dataclasses.MISSING, *, ge=None, le=None, gt=None, choices=None, subset=None, doc=""):
+def _spec(default: Any = dataclasses.MISSING, *, ge=None, le=None, gt=None, lt=None, choices=None, subset=None, doc=""):
     """A dataclass field carrying its validation rule, so the schema and its checks live side by side."""
-    meta = {"ge": ge, "le": le, "gt": gt, "choices": choices, "subset": subset, "doc": doc}
+    meta = {"ge": ge, "le": le, "gt": gt, "lt": lt, "choices": choices, "subset": subset, "doc": doc}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -119,16 +119,38 @@ class GaloreParams:
     max_steps: int = _spec(20, ge=1)
 
 
+SHOWCASE = [
+    "Explain quantum computing to a 10-year-old.",
+    "Write a function to find the largest number in an array.",
+    "What are three ways to reduce carbon emissions?",
+]
+MODELS = ("base", "qlora", "lora_wide", "galore", "sequential_ensemble")
+
+
 @dataclass(frozen=True)
 class EvaluateParams:
     max_new_tokens: int = _spec(64, ge=1, le=4096)
     batch_size: int = _spec(16, ge=1)
     max_prompt_tokens: int = _spec(384, ge=8)
+    showcase_prompts: list = _spec(list(SHOWCASE), doc="the seeds' three showcase prompts, asked of every model")
+
+
+@dataclass(frozen=True)
+class RerankParams:
+    """Seed 004's ensemble: ``proposer`` samples k candidates, ``scorer`` keeps the most likely one."""
+
+    proposer: str = _spec("qlora", choices=MODELS)
+    scorer: str = _spec("galore", choices=MODELS)
+    k: int = _spec(4, ge=1, le=64)
+    temperature: float = _spec(0.7, gt=0, le=5)
+    top_p: float = _spec(0.95, gt=0, le=1)
 
 
 @dataclass(frozen=True)
 class ReportParams:
     n_samples: int = _spec(3, ge=0, le=100)
+    bootstrap_resamples: int = _spec(1000, ge=100, le=100000)
+    confidence: float = _spec(0.95, gt=0.5, lt=1)
 
 
 @dataclass(frozen=True)
@@ -144,6 +166,7 @@ class Params:
     train_galore: GaloreParams = field(default_factory=GaloreParams)
     train_sequential_ensemble: GaloreParams = field(default_factory=GaloreParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    rerank: RerankParams = field(default_factory=RerankParams)
     report: ReportParams = field(default_factory=ReportParams)
 
 
@@ -197,6 +220,9 @@ def _check_value(dotted: str, value: Any, tp, meta, problems: list[str]) -> bool
     if tp in (str, bool, list) and not isinstance(value, tp):
         problems.append(f"{dotted}: expected {_type_name(tp)}, got {value!r}")
         return False
+    if tp is list and meta.get("subset") is None and not all(isinstance(v, str) and v.strip() for v in value):
+        problems.append(f"{dotted}: expected a list of non-empty strings, got {value!r}")
+        return False
     bounds = []
     if meta.get("ge") is not None and value < meta["ge"]:
         bounds.append(f">= {meta['ge']}")
@@ -204,10 +230,13 @@ def _check_value(dotted: str, value: Any, tp, meta, problems: list[str]) -> bool
         bounds.append(f"> {meta['gt']}")
     if meta.get("le") is not None and value > meta["le"]:
         bounds.append(f"<= {meta['le']}")
+    if meta.get("lt") is not None and value >= meta["lt"]:
+        bounds.append(f"< {meta['lt']}")
     if bounds:
         rng = [f">= {meta['ge']}" if meta.get("ge") is not None else None,
                f"> {meta['gt']}" if meta.get("gt") is not None else None,
-               f"<= {meta['le']}" if meta.get("le") is not None else None]
+               f"<= {meta['le']}" if meta.get("le") is not None else None,
+               f"< {meta['lt']}" if meta.get("lt") is not None else None]
         problems.append(f"{dotted}: {value!r} is out of range; allowed: {' and '.join(r for r in rng if r)}")
         return False
     if meta.get("choices") and value not in meta["choices"]:
@@ -240,6 +269,9 @@ def _cross_checks(p: Params, problems: list[str]) -> None:
                 f"updates each layer during backward and cannot accumulate gradients; allowed: train.grad_accum: 1, "
                 f"or a non-layerwise optimizer (galore_adamw, galore_adamw_8bit)"
             )
+    if p.rerank.proposer == "base" or p.rerank.scorer == "base" or p.rerank.proposer == p.rerank.scorer:
+        problems.append(f"rerank.proposer / rerank.scorer: {p.rerank.proposer!r} / {p.rerank.scorer!r}; allowed: two "
+                        f"different trained methods from {', '.join(MODELS[1:])}")
     if p.train.max_prompt_tokens >= p.train.max_seq_len:
         problems.append(f"train.max_prompt_tokens: {p.train.max_prompt_tokens} must be < train.max_seq_len "
                         f"({p.train.max_seq_len}) to leave room for the response")

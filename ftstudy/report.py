@@ -5,17 +5,20 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from ftstudy.atomic import read_json, read_jsonl, write_text
+from ftstudy.atomic import read_json, read_jsonl, write_json, write_text
 from ftstudy.params import Params
 from ftstudy.prompt import build_prompt
+from ftstudy.stats import PairedBootstrap
 
-MODEL_ORDER = ["base", "qlora", "lora_wide", "galore", "sequential_ensemble"]
+MODEL_ORDER = ["base", "qlora", "lora_wide", "galore", "sequential_ensemble", "rerank"]
+METRICS = {"bleu4": ("BLEU-4", "{:.2f}"), "rouge_l": ("ROUGE-L", "{:.4f}")}
 METHOD_LABELS = {
     "base": "base model (no fine-tuning)",
     "qlora": "QLoRA (NF4 4-bit base, LoRA r=64 on attention)",
     "lora_wide": "wide LoRA (r=128, all linear layers; seed 000's \"modified GaLore\")",
     "galore": "GaLore (full-parameter, galore-torch optimizer)",
     "sequential_ensemble": "sequential hybrid (QLoRA merged, then GaLore)",
+    "rerank": "re-rank ensemble (one model proposes k, another picks)",
 }
 
 
@@ -45,7 +48,8 @@ def _block(text: str) -> str:
     return "```\n" + (text.replace("```", "'''") or "(empty)") + "\n```"
 
 
-def build_report(params: Params, root: str | Path = ".") -> str:
+def build_report(params: Params, root: str | Path = ".") -> tuple[str, dict]:
+    """The markdown of REPORT.md and the confidence intervals it shows (written as metrics/report.json)."""
     root = Path(root)
     fetched = read_json(root / "models/base/fetch_info.json")
     data = read_json(root / "metrics/data.json")
@@ -66,17 +70,8 @@ def build_report(params: Params, root: str | Path = ".") -> str:
     out += [_table(["source", "raw rows", "clean rows", "train", "test", "mean prompt tokens",
                     "mean response tokens", "dropped (reason count)"], rows), ""]
 
-    out += ["## Results", ""]
-    base = evals.get("base", {}).get("overall")
-    rows = []
-    for m in models:
-        o = evals[m]["overall"]
-        delta = (f"{o['rouge_l_f1_0_1'] - base['rouge_l_f1_0_1']:+.4f}" if base and m != "base" else "-")
-        rows.append([m, f"{o['bleu4_corpus_0_100']:.2f}", f"{o['rouge_l_f1_0_1']:.4f}", delta, o["n"],
-                     f"{evals[m]['generation']['generated_tokens_per_s']:.1f}"])
-    out += [_table(["model", "BLEU-4 (0-100)", "ROUGE-L F1 (0-1)", "ROUGE-L vs base", "test items",
-                    "generated tokens/s"], rows), ""]
-
+    boot = _bootstrap(params, root, models)
+    out += _results(models, evals, boot)
     out += _methods_table(root, models, evals)
     out += ["### Per source", ""]
     sources = list(data["sources"])
@@ -85,9 +80,137 @@ def build_report(params: Params, root: str | Path = ".") -> str:
             + [f"{evals[m]['per_source'][s]['rouge_l_f1_0_1']:.4f}" for s in sources] for m in models]
     out += [_table(header, rows), ""]
 
+    out += _pairwise(models, boot)
+    out += _discussion(params, root, models, evals, boot)
     out += _figures(root, models, evals)
+    out += _showcase(root, models)
     out += _samples(params, root, models)
-    return "\n".join(out).rstrip() + "\n"
+    return "\n".join(out).rstrip() + "\n", _significance_json(models, boot)
+
+
+def _bootstrap(params: Params, root: Path, models: list[str]) -> PairedBootstrap:
+    test = read_jsonl(root / "data/processed/test.jsonl")
+    boot = PairedBootstrap([r["response"] for r in test], params.report.bootstrap_resamples, params.seed,
+                           params.report.confidence)
+    for m in models:
+        rows = {r["id"]: r for r in read_jsonl(root / f"data/predictions/{m}.jsonl")}
+        ordered = [rows[r["id"]] for r in test]  # same item order for every system: the pairing
+        boot.add(m, [r["prediction"] for r in ordered], [r["rouge_l_f1"] for r in ordered])
+    return boot
+
+
+def _ci(iv, fmt: str) -> str:
+    return f"{fmt.format(iv.estimate)} [{fmt.format(iv.low)}, {fmt.format(iv.high)}]"
+
+
+def _diff(iv, fmt: str) -> str:
+    mark = " *" if iv.excludes_zero else ""
+    return f"{'+' if iv.estimate >= 0 else ''}{fmt.format(iv.estimate)} [{fmt.format(iv.low)}, {fmt.format(iv.high)}]{mark}"
+
+
+def _results(models: list[str], evals: dict, boot: PairedBootstrap) -> list[str]:
+    pct = round(boot.confidence * 100)
+    rows = []
+    for m in models:
+        row = [m] + [_ci(boot.interval(m, k), f) for k, (_, f) in METRICS.items()]
+        row += ["-" if m == "base" or "base" not in models else _diff(boot.difference(m, "base", k), f)
+                for k, (_, f) in METRICS.items()]
+        row += [evals[m]["overall"]["n"], f"{evals[m]['generation']['generate_seconds']:.0f}"]
+        rows.append(row)
+    return ["## Results", "",
+            f"Point estimates with {pct} % paired-bootstrap confidence intervals ({len(boot.idx)} resamples of the "
+            "test items, the same resamples for every model). `*` marks a difference whose interval excludes 0.", "",
+            _table(["model", f"BLEU-4 (0-100) [{pct} % CI]", f"ROUGE-L F1 (0-1) [{pct} % CI]", "BLEU-4 vs base",
+                    "ROUGE-L vs base", "test items", "eval generation s"], rows), ""]
+
+
+def _pairwise(models: list[str], boot: PairedBootstrap) -> list[str]:
+    methods = [m for m in models if m != "base"]
+    if len(methods) < 2:
+        return []
+    rows = []
+    for i, a in enumerate(methods):
+        for b in methods[i + 1:]:
+            rows.append([f"{a} - {b}"] + [_diff(boot.difference(a, b, k), f) for k, (_, f) in METRICS.items()])
+    return ["### Method vs method", "", "Paired differences (row minus column order as written); `*`: significant.", "",
+            _table(["pair", "BLEU-4 difference", "ROUGE-L difference"], rows), ""]
+
+
+def _significance_json(models: list[str], boot: PairedBootstrap) -> dict:
+    out: dict = {"confidence": boot.confidence, "resamples": int(len(boot.idx)), "models": {}, "differences": {}}
+    for m in models:
+        out["models"][m] = {k: boot.interval(m, k).as_dict() for k in METRICS}
+    for i, a in enumerate(models):
+        for b in models[i + 1:]:
+            out["differences"][f"{b}-{a}"] = {
+                k: {**boot.difference(b, a, k).as_dict(), "significant": boot.difference(b, a, k).excludes_zero}
+                for k in METRICS}
+    return out
+
+
+def _discussion(params: Params, root: Path, models: list[str], evals: dict, boot: PairedBootstrap) -> list[str]:
+    """Sentences that state only what the numbers above show."""
+    methods = [m for m in models if m != "base"]
+    if not methods or "base" not in models:
+        return []
+    out = ["## What the numbers show", "", f"_Profile `{params.profile}`; every statement below is computed from the "
+           "tables of this report._", ""]
+    ranked = sorted(methods, key=lambda m: boot.points[m]["rouge_l"], reverse=True)
+    best = ranked[0]
+    line = f"- **Best ROUGE-L: {best}** ({boot.points[best]['rouge_l']:.4f})"
+    if len(ranked) > 1:
+        d = boot.difference(best, ranked[1], "rouge_l")
+        line += (f", ahead of {ranked[1]} by {d.estimate:+.4f}; that gap is "
+                 + ("significant" if d.excludes_zero else "not significant") + f" at {round(boot.confidence * 100)} %.")
+    out.append(line)
+    beat = [m for m in methods if boot.difference(m, "base", "rouge_l").excludes_zero
+            and boot.difference(m, "base", "rouge_l").estimate > 0]
+    out.append(f"- {len(beat)} of {len(methods)} entries beat the base model on ROUGE-L significantly"
+               + (f" ({', '.join(beat)})." if beat else "."))
+    best_bleu = max(methods, key=lambda m: boot.points[m]["bleu4"])
+    out.append(f"- Best BLEU-4: {best_bleu} ({boot.points[best_bleu]['bleu4']:.2f}, base "
+               f"{boot.points['base']['bleu4']:.2f}).")
+    trained = {m: read_json(root / f"metrics/train/{m}.json") for m in methods if (root / f"metrics/train/{m}.json").exists()}
+    if trained:
+        lean = min(trained, key=lambda m: trained[m]["peak_memory_gb"])
+        fast = min(trained, key=lambda m: trained[m]["train_seconds"])
+        out.append(f"- Least peak memory: {lean} ({trained[lean]['peak_memory_gb']:.2f} GB); shortest training: {fast} "
+                   f"({trained[fast]['train_seconds'] / 60:.1f} min). "
+                   + (f"{best} costs {trained[best]['peak_memory_gb'] / trained[lean]['peak_memory_gb']:.2f}x the memory "
+                      f"of {lean}." if best in trained and best != lean else ""))
+    for source in evals["base"]["per_source"]:
+        win = max(methods, key=lambda m: evals[m]["per_source"][source]["rouge_l_f1_0_1"])
+        out.append(f"- On {source}-shaped items the best ROUGE-L is {win}'s "
+                   f"({evals[win]['per_source'][source]['rouge_l_f1_0_1']:.4f}).")
+    if "sequential_ensemble" in methods and "qlora" in methods:
+        d = boot.difference("sequential_ensemble", "qlora", "rouge_l")
+        out.append(f"- The sequential hybrid vs QLoRA alone: {d.estimate:+.4f} ROUGE-L ("
+                   + ("significant" if d.excludes_zero else "not significant") + ").")
+    if "rerank" in methods:
+        g = evals["rerank"]["generation"]
+        proposer = g.get("proposer")
+        if proposer in evals:
+            d = boot.difference("rerank", proposer, "rouge_l")
+            extra = g["generate_seconds"] / max(evals[proposer]["generation"]["generate_seconds"], 1e-9)
+            out.append(f"- Re-ranking {g['k']} samples of {proposer} with {g.get('scorer')}: {d.estimate:+.4f} ROUGE-L "
+                       f"over {proposer}'s greedy answer (" + ("significant" if d.excludes_zero else "not significant")
+                       + f"), at {extra:.1f}x its generation time ({g['generate_seconds']:.0f} s vs "
+                       f"{evals[proposer]['generation']['generate_seconds']:.0f} s).")
+    return out + [""]
+
+
+def _showcase(root: Path, models: list[str]) -> list[str]:
+    answers = {m: read_jsonl(root / f"data/showcase/{m}.jsonl") for m in models if (root / f"data/showcase/{m}.jsonl").exists()}
+    if not answers:
+        return []
+    out = ["## The seeds' showcase prompts", "", "Asked of every model with the same greedy decoding "
+           "(the re-rank ensemble is evaluated on the test set only).", ""]
+    first = next(iter(answers.values()))
+    for i, item in enumerate(first):
+        out += [f"### {item['prompt']}", ""]
+        for m, rows in answers.items():
+            out += [f"{m}:", _block(rows[i]["answer"]), ""]
+    return out
 
 
 def _methods_table(root: Path, models: list[str], evals: dict) -> list[str]:
@@ -160,4 +283,6 @@ def _samples(params: Params, root: Path, models: list[str]) -> list[str]:
 
 
 def write_report(params: Params, path: str | Path, root: str | Path = ".") -> None:
-    write_text(Path(root) / path, build_report(params, root))
+    text, significance = build_report(params, root)
+    write_json(Path(root) / "metrics/report.json", {"profile": params.profile, **significance})
+    write_text(Path(root) / path, text)

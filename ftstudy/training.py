@@ -24,6 +24,7 @@ import torch
 from ftstudy.atomic import atomic_dir, read_jsonl, write_json
 from ftstudy.errors import UserError
 from ftstudy.loss import completion_loss
+from ftstudy.models import load_tokenizer, merged_model
 from ftstudy.params import Params
 from ftstudy.prompt import IGNORE_INDEX, tokenize_example
 
@@ -87,6 +88,18 @@ def check_hardware(spec: MethodSpec, cuda: bool | None = None) -> None:
         )
 
 
+GALORE_LINEARS = {"self_attn": "(q|k|v|o)_proj", "mlp": "(gate|up|down)_proj"}
+
+
+def galore_target_patterns(blocks) -> list[str]:
+    """Regexes for the linear layers of the named blocks; GaLore projects only 2-D weights.
+
+    Plain block names ("self_attn") would also match norms and activations, which transformers then
+    ignores one warning line at a time.
+    """
+    return [rf".*\.{block}\.{GALORE_LINEARS[block]}" for block in blocks]
+
+
 def device_kind() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -143,15 +156,6 @@ def load_start_model(spec: MethodSpec, base_dir: Path, models_dir: Path):
     else:
         model = merged_model(base_dir, models_dir / spec.start.split(":", 1)[1], dtype)
     return model
-
-
-def merged_model(base_dir: Path, adapter_dir: Path, dtype: torch.dtype):
-    """The base with an adapter merged in, as a plain model (used to evaluate adapters and to chain methods)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
-    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
 def attach_adapter(model, spec: MethodSpec, gradient_checkpointing: bool):
@@ -218,8 +222,9 @@ def _truncate_curves(live_dir: Path, last_step: int) -> None:
 
 
 def _curve_callback(live_dir: Path, resume: bool):
-    from dvclive import Live
     from transformers import TrainerCallback
+
+    from dvclive import Live
 
     class CurveCallback(TrainerCallback):
         """Step loss and learning rate to dvclive TSVs, which dvc.yaml declares as plots."""
@@ -303,8 +308,6 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
         shutil.rmtree(live_dir, ignore_errors=True)
 
     set_seed(params.seed)
-    from ftstudy.models import load_tokenizer
-
     tokenizer = load_tokenizer(base_dir, padding_side="right")
     records = read_jsonl(train_path)
     dataset = tokenize_dataset(tokenizer, records, t.max_seq_len, t.max_prompt_tokens)
@@ -316,7 +319,7 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     optim_kwargs = {}
     if spec.galore is not None:
         g = spec.galore
-        optim_kwargs = {"optim_target_modules": list(g.target_modules),
+        optim_kwargs = {"optim_target_modules": galore_target_patterns(g.target_modules),
                         "optim_args": f"rank={g.rank},update_proj_gap={g.update_proj_gap},scale={g.scale}"}
     cuda = torch.cuda.is_available()
     args = TrainingArguments(

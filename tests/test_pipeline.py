@@ -18,7 +18,7 @@ SKIP = ("models/", "data/", "metrics/", "REPORT.md", "dvc.lock", ".params_valid"
 
 pytestmark = pytest.mark.slow
 METHODS = ["qlora", "lora_wide", "galore", "sequential_ensemble"]
-ALL_STAGES = {"validate_params", "fetch_model", "fetch_data", "preprocess", "report"} | {
+ALL_STAGES = {"validate_params", "fetch_model", "fetch_data", "preprocess", "evaluate_rerank", "report"} | {
     f"train_{m}" for m in METHODS} | {f"evaluate@{m}" for m in ["base", *METHODS]}
 
 
@@ -86,25 +86,65 @@ def test_second_repro_does_nothing(micro_repo):
     assert "Data and pipelines are up to date" in _run(["dvc", "status"], repo, env).stdout
 
 
+def _dry_run_with(repo, env, section, key, delta) -> set[str]:
+    """The stages `dvc repro` would run after changing one param, without running them.
+
+    ``dvc repro --dry`` lists the stages whose own deps or params changed; everything downstream of those
+    in the DAG reruns too once their outputs change.
+    """
+    good = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(good)
+    params[section][key] += delta
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        direct = set(_ran(_run(["dvc", "repro", "--dry"], repo, env).stdout))
+    finally:
+        (repo / "params.yaml").write_text(good)
+    edges = _dag_edges(_run(["dvc", "dag", "--md"], repo, env).stdout)
+    affected = set(direct - {"validate_params"})  # its stamp never changes, so it reruns nothing by itself
+    while True:
+        more = {b for a, b in edges if a in affected} - affected
+        if not more:
+            return affected | direct
+        affected |= more
+
+
 def test_changing_an_eval_param_reruns_only_evaluate_and_report(micro_repo):
     repo, env, _ = micro_repo
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["evaluate"]["max_new_tokens"] += 1
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = _run(["dvc", "repro"], repo, env).stdout
-    assert set(_ran(out)) == {"validate_params", "report"} | {f"evaluate@{m}" for m in ["base", *METHODS]}
+    assert set(_dry_run_with(repo, env, "evaluate", "max_new_tokens", 1)) == {"validate_params", "evaluate_rerank", "report"} | {f"evaluate@{m}" for m in ["base", *METHODS]}
 
 
 def test_changing_a_qlora_param_reruns_only_qlora_and_what_consumes_it(micro_repo):
     repo, env, _ = micro_repo
+    assert set(_dry_run_with(repo, env, "train_qlora", "lora_r", 4)) == {
+        "validate_params", "train_qlora", "train_sequential_ensemble", "evaluate@qlora",
+        "evaluate@sequential_ensemble", "evaluate_rerank", "report"}
+    trained = json.loads((repo / "metrics/train/qlora.json").read_text())
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train_qlora"]["lora_r"] += 4
+    assert trained["optimizer"] == "adamw_torch" and trained["steps"] == params["train_qlora"]["max_steps"]
+
+
+def test_changing_rerank_k_reruns_only_the_rerank_evaluation_and_report(micro_repo):
+    repo, env, _ = micro_repo
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["rerank"]["k"] += 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run(["dvc", "repro"], repo, env).stdout
-    assert set(_ran(out)) == {"validate_params", "train_qlora", "train_sequential_ensemble", "evaluate@qlora",
-                              "evaluate@sequential_ensemble", "report"}
-    trained = json.loads((repo / "metrics/train/qlora.json").read_text())
-    assert trained["optimizer"] == "adamw_torch" and trained["steps"] == params["train_qlora"]["max_steps"]
+    assert set(_ran(out)) == {"validate_params", "evaluate_rerank", "report"}
+    rows = [json.loads(line) for line in (repo / "data/predictions/rerank.jsonl").read_text().splitlines()]
+    assert all(len(r["candidates"]) == params["rerank"]["k"] for r in rows)
+
+
+def test_the_report_has_intervals_figures_showcase_and_plots(micro_repo):
+    repo, env, _ = micro_repo
+    report = (repo / "REPORT.md").read_text()
+    for text in ("95 % paired-bootstrap", "### Method vs method", "## What the numbers show",
+                 "Explain quantum computing to a 10-year-old.", "| rerank |", "reports/training_loss.png"):
+        assert text in report
+    for png in ("training_loss", "quality_vs_memory", "quality_vs_time", "rouge_per_source", "bleu_per_source"):
+        assert (repo / f"reports/{png}.png").read_bytes()[:4] == b"\x89PNG"
+    _run(["dvc", "plots", "show", "-o", "plots_html"], repo, env)
+    assert (repo / "plots_html/index.html").exists()
 
 
 def test_a_bad_param_fails_first_with_a_clear_message(micro_repo):

@@ -42,11 +42,9 @@ def _cmd():
 def test_killed_training_resumes_from_checkpoint_with_the_same_result(tmp_path, tiny_model_dir):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     reference = _stage_dir(tmp_path / "ref", tiny_model_dir)
-    subprocess.run(_cmd(), cwd=reference, env=env, check=True, capture_output=True)
-    expected = json.loads((reference / "metrics/train/lora_wide.json").read_text())
-
     work = _stage_dir(tmp_path / "work", tiny_model_dir)
-    proc = subprocess.Popen(_cmd(), cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    uninterrupted = subprocess.Popen(_cmd(), cwd=reference, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cmd(), cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     ckpt = work / "checkpoints/lora_wide/checkpoint-10/trainer_state.json"
     while not ckpt.exists():
@@ -59,6 +57,8 @@ def test_killed_training_resumes_from_checkpoint_with_the_same_result(tmp_path, 
     assert not (work / "metrics/train/lora_wide.json").exists()
 
     rerun = subprocess.run(_cmd(), cwd=work, env=env, check=True, capture_output=True, text=True)
+    assert uninterrupted.wait(timeout=120) == 0
+    expected = json.loads((reference / "metrics/train/lora_wide.json").read_text())
     assert "resuming lora_wide from" in rerun.stdout
     got = json.loads((work / "metrics/train/lora_wide.json").read_text())
     assert got["resumed_from_step"] >= 10 and got["steps"] == STEPS

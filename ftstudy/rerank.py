@@ -1,0 +1,82 @@
+"""Seed 004's ensemble, measured: one model proposes k sampled candidates, another picks by likelihood.
+
+The proposer (QLoRA by default: cheap to serve) samples ``k`` candidates per prompt; the scorer (GaLore
+by default) scores each by the mean log-likelihood of its tokens, EOS included, given the prompt; the
+best is the answer. Mean rather than summed log-likelihood, so short candidates are not favoured just for
+being short.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from ftstudy.generation import _left_pad
+from ftstudy.prompt import clean_generation, tokenize_prompt
+
+
+@torch.inference_mode()
+def mean_logprob(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> list[float]:
+    """Mean log-probability of each completion's tokens given its prompt (one forward pass per batch)."""
+    seqs = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
+    ids, mask = _left_pad(seqs, pad_id)
+    device = next(model.parameters()).device
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    scores = []
+    width = ids.shape[1]
+    for row, c in enumerate(completion_ids):
+        start = width - len(c)  # left padding: the completion occupies the last len(c) positions
+        targets = ids[row, start:].to(device)
+        picked = logp[row, start - 1:width - 1].gather(-1, targets[:, None]).squeeze(-1)
+        scores.append(float(picked.mean()))
+    return scores
+
+
+@torch.inference_mode()
+def rerank(proposer, scorer, tokenizer, records: list[dict], *, k: int, temperature: float, top_p: float,
+           max_new_tokens: int, batch_size: int, max_prompt_tokens: int, seed: int,
+           progress: bool = True) -> tuple[list[str], list[list[str]], dict]:
+    """(chosen answer per record, all candidates per record, timing statistics)."""
+    encoded = [tokenize_prompt(tokenizer, r, max_prompt_tokens) for r in records]
+    order = sorted(range(len(records)), key=lambda i: len(encoded[i]), reverse=True)
+    chosen, candidates = [""] * len(records), [[] for _ in records]
+    device = next(proposer.parameters()).device
+    propose_s = score_s = 0.0
+    torch.manual_seed(seed)
+    per_batch = max(1, batch_size // k)  # k sequences per prompt share the batch
+    batches = [order[i:i + per_batch] for i in range(0, len(order), per_batch)]
+    for batch in tqdm(batches, desc="rerank", disable=not progress, unit="batch"):
+        t0 = time.perf_counter()
+        ids, mask = _left_pad([encoded[i] for i in batch], tokenizer.pad_token_id)
+        out = proposer.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            do_sample=True, temperature=temperature, top_p=top_p, top_k=None, num_return_sequences=k,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )[:, ids.shape[1]:]
+        t1 = time.perf_counter()
+        prompts, completions, owners, texts = [], [], [], []
+        for row in range(out.shape[0]):
+            i = batch[row // k]
+            toks = out[row].tolist()
+            if tokenizer.eos_token_id in toks:
+                toks = toks[:toks.index(tokenizer.eos_token_id) + 1]
+            text = clean_generation(tokenizer.decode(toks, skip_special_tokens=True))
+            candidates[i].append(text)
+            texts.append(text)
+            prompts.append(encoded[i])
+            completions.append(tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+            owners.append(i)
+        scores = mean_logprob(scorer, prompts, completions, tokenizer.pad_token_id)
+        best: dict[int, tuple[float, str]] = {}
+        for i, cand, score in zip(owners, texts, scores, strict=True):
+            if i not in best or score > best[i][0]:
+                best[i] = (score, cand)
+        for i, (_, text) in best.items():
+            chosen[i] = text
+        propose_s += t1 - t0
+        score_s += time.perf_counter() - t1
+    return chosen, candidates, {"propose_seconds": round(propose_s, 2), "score_seconds": round(score_s, 2),
+                                "generate_seconds": round(propose_s + score_s, 2)}
