@@ -6,12 +6,15 @@ ROUGE-L overall and per source; the seeds' showcase prompts are answered too, fo
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import platform
 from pathlib import Path
 
 import torch
 
-from ftstudy.atomic import read_jsonl, write_json, write_jsonl
+from ftstudy.atomic import read_jsonl, sha256_file, write_json, write_jsonl
 from ftstudy.generation import generate
 from ftstudy.metrics import score_by_source
 from ftstudy.models import load_model, load_tokenizer, merged_model
@@ -69,12 +72,33 @@ def evaluate(name: str, model_dir: str | Path, base_dir: str | Path, test_path: 
     records = read_jsonl(test_path)
     tokenizer = load_tokenizer(base_dir)
     model = load_for_eval(model_dir, base_dir)
+    journal = journal_path(predictions_path)
     predictions, gen_stats = generate(
         model, tokenizer, records, max_new_tokens=p.max_new_tokens, batch_size=p.batch_size,
-        max_prompt_tokens=p.max_prompt_tokens, progress=progress,
+        max_prompt_tokens=p.max_prompt_tokens, progress=progress, journal=journal,
+        fingerprint=eval_fingerprint(model_dir, base_dir, test_path, p),
     )
     write_jsonl(showcase_path, _showcase(model, tokenizer, params))
-    return write_results(name, records, predictions, gen_stats, params, predictions_path, metrics_path)
+    metrics = write_results(name, records, predictions, gen_stats, params, predictions_path, metrics_path)
+    journal.unlink()
+    return metrics
+
+
+def journal_path(predictions_path: str | Path) -> Path:
+    """Where an evaluation in progress keeps its finished batches (not a DVC output, so a rerun finds it)."""
+    p = Path(predictions_path)
+    return p.parent / ".journal" / f"{p.stem}.jsonl"
+
+
+def eval_fingerprint(model_dir, base_dir, test_path, p) -> str:
+    """What the predictions depend on: model weights, base, test set and generation settings."""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(p), sort_keys=True).encode())
+    for d in dict.fromkeys([Path(base_dir), Path(model_dir)]):
+        for f in sorted(d.glob("*")):
+            if f.is_file():
+                h.update(f"{f.name}:{sha256_file(f)}".encode())
+    h.update(Path(test_path).read_bytes())
+    return h.hexdigest()
 
 
 def evaluate_rerank(models_dir: str | Path, test_path: str | Path, params: Params, predictions_path: str | Path,

@@ -29,6 +29,34 @@ def causal_lm(model):
             raise TypeError(f"{type(model).__name__} has no lm_head to compute a completion loss with")
 
 
+CHUNK_TOKENS = 2048  # labelled positions projected to the vocabulary at once
+
+
+def _head_ce(lm, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    logits = lm.lm_head(hidden).float()
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits, targets, reduction=reduction)
+
+
+def labelled_ce(lm, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of ``hidden`` (n, d) against ``targets`` (n,), at most CHUNK_TOKENS logit rows alive.
+
+    Above CHUNK_TOKENS each chunk runs under activation checkpointing, so its fp32 logits are freed after
+    the forward and rebuilt in the backward: memory stays flat however many tokens carry labels.
+    """
+    if hidden.shape[0] <= CHUNK_TOKENS or not torch.is_grad_enabled():
+        return _head_ce(lm, hidden, targets)
+    from torch.utils.checkpoint import checkpoint
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], CHUNK_TOKENS):
+        part = slice(start, start + CHUNK_TOKENS)
+        total = total + checkpoint(_head_ce, lm, hidden[part], targets[part], use_reentrant=False)
+    return total
+
+
 def completion_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                     num_items: int | torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy over positions whose label is not IGNORE_INDEX.
@@ -40,10 +68,6 @@ def completion_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     hidden = lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    logits = lm.lm_head(hidden[:, :-1][keep]).float()
-    cap = getattr(lm.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+    loss = labelled_ce(lm, hidden[:, :-1][keep], targets[keep])
     denom = num_items if num_items is not None else keep.sum().clamp(min=1)
     return loss / denom

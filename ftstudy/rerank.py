@@ -14,25 +14,32 @@ import torch
 from tqdm.auto import tqdm
 
 from ftstudy.generation import _left_pad
+from ftstudy.loss import _head_ce, causal_lm
 from ftstudy.prompt import clean_generation, tokenize_prompt
 
 
 @torch.inference_mode()
 def mean_logprob(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> list[float]:
-    """Mean log-probability of each completion's tokens given its prompt (one forward pass per batch)."""
+    """Mean log-probability of each completion's tokens given its prompt.
+
+    One decoder pass per batch; the vocabulary projection runs only at completion positions (the same
+    trick as the training loss), so scoring k candidates does not build k full-vocabulary logit tensors.
+    """
     seqs = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
     ids, mask = _left_pad(seqs, pad_id)
     device = next(model.parameters()).device
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)
-    scores = []
+    ids, mask = ids.to(device), mask.to(device)
+    lm = causal_lm(model)
+    hidden = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     width = ids.shape[1]
+    # Left padding: a completion of length n occupies the last n positions; position t predicts t + 1.
+    keep = torch.zeros_like(ids, dtype=torch.bool)
     for row, c in enumerate(completion_ids):
-        start = width - len(c)  # left padding: the completion occupies the last len(c) positions
-        targets = ids[row, start:].to(device)
-        picked = logp[row, start - 1:width - 1].gather(-1, targets[:, None]).squeeze(-1)
-        scores.append(float(picked.mean()))
-    return scores
+        keep[row, width - len(c):] = True
+    targets = ids[:, 1:][keep[:, 1:]]
+    nll = _head_ce(lm, hidden[:, :-1][keep[:, 1:]], targets, reduction="none")
+    lengths = [len(c) for c in completion_ids]
+    return [float(-part.mean()) for part in torch.split(nll, lengths)]
 
 
 @torch.inference_mode()

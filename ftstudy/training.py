@@ -86,6 +86,14 @@ def check_hardware(spec: MethodSpec, cuda: bool | None = None) -> None:
             f"train_{spec.name}.optimizer={spec.optimizer} needs CUDA (bitsandbytes' 8-bit optimizers), and no CUDA "
             f"device is visible; on a CPU use galore_adamw_layerwise or galore_adamw"
         )
+    if spec.quantize_4bit:
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as err:  # an ImportError, or a broken native library raising at import
+            raise UserError(
+                f"train_{spec.name} loads the base in 4-bit NF4, which needs bitsandbytes, and it cannot be imported "
+                f"here ({type(err).__name__}: {err}); install it with `pip install 'bitsandbytes>=0.49,<0.51'`"
+            ) from None
 
 
 GALORE_LINEARS = {"self_attn": "(q|k|v|o)_proj", "mlp": "(gate|up|down)_proj"}

@@ -85,3 +85,30 @@ def test_wrong_type_and_choice():
 def test_sample_counts_larger_than_the_pool():
     with pytest.raises(ParamsError, match="exceeds data.pool_per_source"):
         parse_params(_params(data__pool_per_source=100))
+
+
+def test_layerwise_galore_refuses_gradient_accumulation():
+    with pytest.raises(ParamsError, match=r"train_galore.optimizer=galore_adamw_layerwise with train.grad_accum=4"):
+        parse_params(_params(train__grad_accum=4))
+
+
+def test_bad_training_values_name_key_and_range():
+    with pytest.raises(ParamsError) as e:
+        parse_params(_params(train_qlora__lora_r=0, train_galore__learning_rate="fast", train_lora_wide__target_modules=["qkv"],
+                             train_galore__optimizer="adam8"))
+    msg = str(e.value)
+    assert "train_qlora.lora_r: 0 is out of range; allowed: >= 1 and <= 4096" in msg
+    assert "train_galore.learning_rate: expected a number, got 'fast'" in msg
+    assert "train_lora_wide.target_modules: unknown ['qkv']" in msg
+    assert "train_galore.optimizer: 'adam8' is not allowed; allowed values: galore_adamw, galore_adamw_layerwise" in msg
+
+
+def test_yaml_style_exponent_floats_are_accepted():
+    assert parse_params(_params(train_qlora__learning_rate="2e-4")).train_qlora.learning_rate == 2e-4
+
+
+def test_rerank_needs_two_different_trained_models():
+    with pytest.raises(ParamsError, match="rerank.proposer / rerank.scorer"):
+        parse_params(_params(rerank__proposer="galore"))
+    with pytest.raises(ParamsError, match=r"rerank.k: 0 is out of range"):
+        parse_params(_params(rerank__k=0))

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SKIP = ("models/", "data/", "metrics/", "REPORT.md", "dvc.lock", ".params_valid", ".dvc/cache", ".dvc/tmp")
 
 pytestmark = pytest.mark.slow
+FAKE_TOKEN = "hf_FAKEtokenForTheSecretsTest0123456789"
 METHODS = ["qlora", "lora_wide", "galore", "sequential_ensemble"]
 ALL_STAGES = {"validate_params", "fetch_model", "fetch_data", "preprocess", "evaluate_rerank", "report"} | {
     f"train_{m}" for m in METHODS} | {f"evaluate@{m}" for m in ["base", *METHODS]}
@@ -50,12 +51,35 @@ def micro_repo(tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo")
     _copy_repo(repo)
     compose_and_dump(repo / "params.yaml", os.fspath(repo / "conf"), None, "config", "", ["profile=micro"])
-    env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+    # Every process of the run (dvc and each stage) loads tests/netblock/sitecustomize.py: network use is blocked
+    # and logged. A fake HF token is in the environment; neither may leave a trace.
+    netlog = repo.parent / "netblock.log"
+    env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"],
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests/netblock"), os.environ.get("PYTHONPATH")])),
+               FTSTUDY_NETBLOCK_LOG=str(netlog), HF_TOKEN=FAKE_TOKEN, HUGGING_FACE_HUB_TOKEN=FAKE_TOKEN)
     _run(["git", "init", "-q"], repo, env)
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], repo, env)  # as a clone has
     first = _run(["dvc", "repro"], repo, env)
+    attempts = netlog.read_text() if netlog.exists() else ""
+    (repo.parent / "attempts_during_repro.log").write_text(attempts)
+    # The guard is really loaded in subprocesses: a probe gets blocked and logged.
+    _run([sys.executable, "-c", "import socket; socket.create_connection(('example.org', 443), 1)"], repo, env, check=False)
+    assert "example.org" in netlog.read_text()
     return repo, env, first.stdout
+
+
+def test_the_embedded_pipeline_touches_no_network(micro_repo):
+    repo, _, _ = micro_repo
+    assert (repo.parent / "attempts_during_repro.log").read_text() == ""
+
+
+def test_the_token_appears_in_no_output(micro_repo):
+    repo, env, stdout = micro_repo
+    assert FAKE_TOKEN not in stdout
+    for path in repo.rglob("*"):
+        if path.is_file() and ".git/" not in str(path) and path.stat().st_size < 50_000_000:
+            assert FAKE_TOKEN.encode() not in path.read_bytes(), path
 
 
 def test_repro_runs_the_whole_dag(micro_repo):

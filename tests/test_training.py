@@ -121,3 +121,27 @@ def test_galore_trains_every_parameter(workdir, tiny_model_dir):
     assert any("self_attn" in k for k in changed) and any("mlp" in k for k in changed)
     assert m["optimizer"] == "galore_adamw_layerwise" and m["trainable_params"] == m["total_params"]
     assert m["peak_memory_gb"] > 0 and m["tokens_per_s"] > 0
+
+
+def test_4bit_without_bitsandbytes_is_a_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` raise ImportError
+    with pytest.raises(UserError, match="needs bitsandbytes.*pip install"):
+        check_hardware(method_spec(Params(), "qlora"), cuda=False)
+
+
+def test_chunked_loss_equals_the_unchunked_loss_and_gradients(tiny_model_dir, tiny_tokenizer, monkeypatch):
+    from ftstudy import loss as loss_mod
+    from ftstudy.models import load_model
+
+    batch = _batch(tiny_tokenizer, _records(4))
+    results = []
+    for chunk in (10**6, 7):  # one chunk vs many checkpointed chunks
+        monkeypatch.setattr(loss_mod, "CHUNK_TOKENS", chunk)
+        model = load_model(tiny_model_dir).train()
+        value = completion_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        value.backward()
+        results.append((value.item(), model.lm_head.weight.grad.clone()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)

@@ -1,0 +1,41 @@
+"""Two clean runs give identical data files and, on CPU, identical training metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ftstudy.data import fetch_data, preprocess
+from ftstudy.params import DataParams, LoraParams, Params, TrainParams
+from ftstudy.training import method_spec, train
+
+
+def _data(tmp, tokenizer):
+    p = DataParams(pool_per_source=120, train_per_source=40, test_per_source=10)
+    fetch_data(p, 7, tmp / "raw")
+    stats = preprocess(p, 7, tmp / "raw", tmp / "processed", tokenizer=tokenizer)
+    return stats
+
+
+def test_fetch_and_preprocess_are_byte_identical(tmp_path, tiny_tokenizer):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _data(a, tiny_tokenizer) == _data(b, tiny_tokenizer)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert len(files) >= 7
+    for rel in files:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+def test_same_seed_same_training_metrics_on_cpu(tmp_path, tiny_model_dir, tiny_tokenizer):
+    _data(tmp_path / "d", tiny_tokenizer)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models/base").symlink_to(tiny_model_dir)
+    params = dataclasses.replace(Params(), train=TrainParams(batch_size=4, max_seq_len=96, max_prompt_tokens=64,
+                                                             warmup_steps=0, progress_bar=False),
+                                 train_qlora=LoraParams(lora_r=4, lora_alpha=8, max_steps=3))
+    runs = []
+    for i in range(2):
+        m = train(method_spec(params, "qlora"), params, train_path=tmp_path / "d/processed/train.jsonl",
+                  models_dir=tmp_path / "models", out_dir=tmp_path / f"out{i}", ckpt_dir=tmp_path / f"ck{i}",
+                  live_dir=None)
+        runs.append({k: m[k] for k in ("final_train_loss", "mean_train_loss", "trained_tokens", "steps")})
+    assert runs[0] == runs[1]
