@@ -27,20 +27,16 @@ from pathlib import Path
 
 import torch
 
+from ftstudy.arch import GEMMA3_1B
 from ftstudy.loss import completion_loss
+from ftstudy.params import ALL_LINEAR
+from ftstudy.params import ATTENTION as ATTN
 from ftstudy.prompt import IGNORE_INDEX
 
-GEMMA3_1B = dict(vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
-                 num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
-                 max_position_embeddings=32768, rope_theta=1_000_000.0, rope_local_base_freq=10000.0,
-                 query_pre_attn_scalar=256, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
-                 pad_token_id=0, eos_token_id=1, bos_token_id=2)
 TINY = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=1, head_dim=32, sliding_window=64, max_position_embeddings=1024,
             pad_token_id=0, eos_token_id=1, bos_token_id=2)
 METHODS = ("qlora", "lora_wide", "galore")
-ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
-ALL_LINEAR = ATTN + ["gate_proj", "up_proj", "down_proj"]
 
 
 def make_batches(n: int, batch: int, seq_len: int, vocab: int, prompt_frac: float, seed: int = 0) -> list[dict]:

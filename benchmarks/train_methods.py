@@ -20,18 +20,12 @@ from pathlib import Path
 import torch
 
 from ftstudy import synthetic
+from ftstudy.arch import GEMMA3_1B
 from ftstudy.atomic import write_json, write_jsonl
 from ftstudy.models import tiny_config, train_tiny_tokenizer
 from ftstudy.params import Params, TinyModelParams
 from ftstudy.sources import convert_rows
 from ftstudy.training import METHODS, method_spec, train
-
-# google/gemma-3-1b-it's text configuration (../shared/GPU.md).
-GEMMA3_1B = dict(vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
-                 num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
-                 max_position_embeddings=32768, rope_theta=1_000_000.0, rope_local_base_freq=10000.0,
-                 query_pre_attn_scalar=256, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
-                 pad_token_id=0, eos_token_id=1, bos_token_id=2)
 
 
 def build_base(arch: str, out: Path) -> None:

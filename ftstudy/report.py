@@ -132,7 +132,7 @@ def _pairwise(models: list[str], boot: PairedBootstrap) -> list[str]:
     for i, a in enumerate(methods):
         for b in methods[i + 1:]:
             rows.append([f"{a} - {b}"] + [_diff(boot.difference(a, b, k), f) for k, (_, f) in METRICS.items()])
-    return ["### Method vs method", "", "Paired differences (row minus column order as written); `*`: significant.", "",
+    return ["### Method vs method", "", "Each row is the paired difference `a - b` (positive: a scores higher); `*`: significant.", "",
             _table(["pair", "BLEU-4 difference", "ROUGE-L difference"], rows), ""]
 
 

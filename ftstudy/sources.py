@@ -127,26 +127,25 @@ def split_conversation(messages: list[dict], policy: str) -> tuple[list[dict], s
     raise ValueError(f"unknown multi_turn policy {policy!r}; allowed: last_turn, first_turn")
 
 
-def convert_tulu(row: dict, index: int, max_chars: int, multi_turn: str = "last_turn") -> dict:
-    """allenai/tulu-v2-sft-mixture: ``{dataset, id, messages: [{role, content}]}``."""
+def _convert_chat(source: str, id_key: str, row: dict, index: int, max_chars: int, multi_turn: str) -> dict:
+    """A chat-shaped row (``messages`` plus an id field) to a record; the two chat sources differ only in names."""
     if not isinstance(row, dict):
         raise Dropped("not_a_mapping")
-    rid = row.get("id")
+    rid = row.get(id_key)
     if rid is not None and not isinstance(rid, str):
         raise Dropped("wrong_type")
     history, instruction, response = split_conversation(_messages(row), multi_turn)
-    return _record("tulu", f"tulu-{rid or index}", instruction, "", response, history, max_chars)
+    return _record(source, f"{source}-{rid or index}", instruction, "", response, history, max_chars)
+
+
+def convert_tulu(row: dict, index: int, max_chars: int, multi_turn: str = "last_turn") -> dict:
+    """allenai/tulu-v2-sft-mixture: ``{dataset, id, messages: [{role, content}]}``."""
+    return _convert_chat("tulu", "id", row, index, max_chars, multi_turn)
 
 
 def convert_ultrachat(row: dict, index: int, max_chars: int, multi_turn: str = "last_turn") -> dict:
     """HuggingFaceH4/ultrachat_200k: ``{prompt, prompt_id, messages: [{content, role}]}``."""
-    if not isinstance(row, dict):
-        raise Dropped("not_a_mapping")
-    pid = row.get("prompt_id")
-    if pid is not None and not isinstance(pid, str):
-        raise Dropped("wrong_type")
-    history, instruction, response = split_conversation(_messages(row), multi_turn)
-    return _record("ultrachat", f"ultrachat-{pid or index}", instruction, "", response, history, max_chars)
+    return _convert_chat("ultrachat", "prompt_id", row, index, max_chars, multi_turn)
 
 
 CONVERTERS = {"alpaca": convert_alpaca, "tulu": convert_tulu, "ultrachat": convert_ultrachat}

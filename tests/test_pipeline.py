@@ -135,7 +135,8 @@ def _dry_run_with(repo, env, section, key, delta) -> set[str]:
 
 def test_changing_an_eval_param_reruns_only_evaluate_and_report(micro_repo):
     repo, env, _ = micro_repo
-    assert set(_dry_run_with(repo, env, "evaluate", "max_new_tokens", 1)) == {"validate_params", "evaluate_rerank", "report"} | {f"evaluate@{m}" for m in ["base", *METHODS]}
+    expected = {"validate_params", "evaluate_rerank", "report"} | {f"evaluate@{m}" for m in ["base", *METHODS]}
+    assert set(_dry_run_with(repo, env, "evaluate", "max_new_tokens", 1)) == expected
 
 
 def test_changing_a_qlora_param_reruns_only_qlora_and_what_consumes_it(micro_repo):
