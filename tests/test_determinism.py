@@ -39,3 +39,16 @@ def test_same_seed_same_training_metrics_on_cpu(tmp_path, tiny_model_dir, tiny_t
                   live_dir=None)
         runs.append({k: m[k] for k in ("final_train_loss", "mean_train_loss", "trained_tokens", "steps")})
     assert runs[0] == runs[1]
+
+
+def test_asking_for_more_samples_than_clean_rows_names_the_fix(tmp_path):
+    import pytest
+
+    from ftstudy.errors import UserError
+
+    p = DataParams(source="hub", pool_per_source=30, train_per_source=500, test_per_source=5)
+    fetch_data(DataParams(pool_per_source=30), 0, tmp_path / "raw")  # 30 rows per source, shaped like the hub's
+    with pytest.raises(UserError, match=r"data.train_per_source=500 but alpaca has only \d+ clean train rows.*"
+                                        r"lower data.train_per_source or raise data.pool_per_source"):
+        preprocess(p, 0, tmp_path / "raw", tmp_path / "processed")
+    assert not (tmp_path / "processed").exists()
