@@ -70,9 +70,10 @@ def build_report(params: Params, root: str | Path = ".") -> tuple[str, dict]:
     out += [_table(["source", "raw rows", "clean rows", "train", "test", "mean prompt tokens",
                     "mean response tokens", "dropped (reason count)"], rows), ""]
 
+    trained = {m: read_json(root / f"metrics/train/{m}.json") for m in models if (root / f"metrics/train/{m}.json").exists()}
     boot = _bootstrap(params, root, models)
     out += _results(models, evals, boot)
-    out += _methods_table(root, models, evals)
+    out += _methods_table(trained, evals)
     out += ["### Per source", ""]
     sources = list(data["sources"])
     header = ["model"] + [f"{s} BLEU-4" for s in sources] + [f"{s} ROUGE-L" for s in sources]
@@ -81,8 +82,8 @@ def build_report(params: Params, root: str | Path = ".") -> tuple[str, dict]:
     out += [_table(header, rows), ""]
 
     out += _pairwise(models, boot)
-    out += _discussion(params, root, models, evals, boot)
-    out += _figures(root, models, evals)
+    out += _discussion(params, trained, models, evals, boot)
+    out += _figures(root, models, evals, trained)
     out += _showcase(root, models)
     out += _samples(params, root, models)
     return "\n".join(out).rstrip() + "\n", _significance_json(models, boot)
@@ -142,13 +143,12 @@ def _significance_json(models: list[str], boot: PairedBootstrap) -> dict:
         out["models"][m] = {k: boot.interval(m, k).as_dict() for k in METRICS}
     for i, a in enumerate(models):
         for b in models[i + 1:]:
-            out["differences"][f"{b}-{a}"] = {
-                k: {**boot.difference(b, a, k).as_dict(), "significant": boot.difference(b, a, k).excludes_zero}
-                for k in METRICS}
+            diffs = {k: boot.difference(b, a, k) for k in METRICS}
+            out["differences"][f"{b}-{a}"] = {k: {**d.as_dict(), "significant": d.excludes_zero} for k, d in diffs.items()}
     return out
 
 
-def _discussion(params: Params, root: Path, models: list[str], evals: dict, boot: PairedBootstrap) -> list[str]:
+def _discussion(params: Params, trained: dict, models: list[str], evals: dict, boot: PairedBootstrap) -> list[str]:
     """Sentences that state only what the numbers above show."""
     methods = [m for m in models if m != "base"]
     if not methods or "base" not in models:
@@ -163,14 +163,13 @@ def _discussion(params: Params, root: Path, models: list[str], evals: dict, boot
         line += (f", ahead of {ranked[1]} by {d.estimate:+.4f}; that gap is "
                  + ("significant" if d.excludes_zero else "not significant") + f" at {round(boot.confidence * 100)} %.")
     out.append(line)
-    beat = [m for m in methods if boot.difference(m, "base", "rouge_l").excludes_zero
-            and boot.difference(m, "base", "rouge_l").estimate > 0]
+    vs_base = {m: boot.difference(m, "base", "rouge_l") for m in methods}
+    beat = [m for m, d in vs_base.items() if d.excludes_zero and d.estimate > 0]
     out.append(f"- {len(beat)} of {len(methods)} entries beat the base model on ROUGE-L significantly"
                + (f" ({', '.join(beat)})." if beat else "."))
     best_bleu = max(methods, key=lambda m: boot.points[m]["bleu4"])
     out.append(f"- Best BLEU-4: {best_bleu} ({boot.points[best_bleu]['bleu4']:.2f}, base "
                f"{boot.points['base']['bleu4']:.2f}).")
-    trained = {m: read_json(root / f"metrics/train/{m}.json") for m in methods if (root / f"metrics/train/{m}.json").exists()}
     if trained:
         lean = min(trained, key=lambda m: trained[m]["peak_memory_gb"])
         fast = min(trained, key=lambda m: trained[m]["train_seconds"])
@@ -213,9 +212,8 @@ def _showcase(root: Path, models: list[str]) -> list[str]:
     return out
 
 
-def _methods_table(root: Path, models: list[str], evals: dict) -> list[str]:
+def _methods_table(trained: dict, evals: dict) -> list[str]:
     """The seeds' table: quality before/after and the cost of getting there."""
-    trained = {m: read_json(root / f"metrics/train/{m}.json") for m in models if (root / f"metrics/train/{m}.json").exists()}
     if not trained or "base" not in evals:
         return []
     b = evals["base"]["overall"]
@@ -235,7 +233,7 @@ def _methods_table(root: Path, models: list[str], evals: dict) -> list[str]:
             "peak resident set size (model loading included); on a GPU it is torch's maximum allocated memory.", ""]
 
 
-def _figures(root: Path, models: list[str], evals: dict) -> list[str]:
+def _figures(root: Path, models: list[str], evals: dict, trained: dict) -> list[str]:
     """Draw the figures into reports/ and return the markdown that shows them."""
     from ftstudy import plots
 
@@ -246,7 +244,6 @@ def _figures(root: Path, models: list[str], evals: dict) -> list[str]:
     if curves:
         plots.loss_curves(curves, figs / "training_loss.png")
         out += ["![training loss of every method](reports/training_loss.png)", ""]
-    trained = {m: read_json(root / f"metrics/train/{m}.json") for m in models if (root / f"metrics/train/{m}.json").exists()}
     if trained:
         rouge = {m: evals[m]["overall"]["rouge_l_f1_0_1"] for m in trained}
         kind = next(iter(trained.values()))["peak_memory_kind"]

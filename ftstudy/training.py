@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ftstudy.atomic import atomic_dir, read_jsonl, write_json
+from ftstudy.atomic import atomic_dir, read_jsonl, sha256_file, write_json
 from ftstudy.errors import UserError
 from ftstudy.loss import completion_loss
 from ftstudy.models import load_tokenizer, merged_model
@@ -275,14 +275,23 @@ def completion_trainer_class():
     return CompletionTrainer
 
 
-def fingerprint(spec: MethodSpec, params: Params, train_path: Path, start_dir: Path) -> str:
-    """What a checkpoint was made from; a checkpoint is resumed only when this matches."""
+def fingerprint(spec: MethodSpec, params: Params, train_path: Path, models_dir: Path) -> str:
+    """What a checkpoint was made from; a checkpoint is resumed only when this matches.
+
+    Covers the start weights too: the base (its fetch_info.json lists every file's hash) and, for a method
+    that starts from another's adapter, that adapter's files, so a retrained QLoRA invalidates the hybrid's
+    checkpoints.
+    """
     h = hashlib.sha256(json.dumps({"spec": asdict(spec), "train": asdict(params.train), "seed": params.seed},
                                   sort_keys=True).encode())
     h.update(train_path.read_bytes())
-    info = start_dir / "fetch_info.json"
+    info = models_dir / "base" / "fetch_info.json"
     if info.exists():
         h.update(info.read_bytes())
+    if spec.start.startswith("merged:"):
+        for f in sorted((models_dir / spec.start.split(":", 1)[1]).glob("*")):
+            if f.is_file():
+                h.update(f"{f.name}:{sha256_file(f)}".encode())
     return h.hexdigest()
 
 
@@ -300,7 +309,7 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     t = params.train
     models_dir, ckpt_dir, train_path = Path(models_dir), Path(ckpt_dir), Path(train_path)
     base_dir = models_dir / "base"
-    fp = fingerprint(spec, params, train_path, base_dir)
+    fp = fingerprint(spec, params, train_path, models_dir)
     stamp = ckpt_dir / "fingerprint.txt"
     if ckpt_dir.exists() and (not stamp.exists() or stamp.read_text() != fp):
         shutil.rmtree(ckpt_dir)  # made from other params or data: resuming it would mix two runs

@@ -145,3 +145,17 @@ def test_chunked_loss_equals_the_unchunked_loss_and_gradients(tiny_model_dir, ti
         results.append((value.item(), model.lm_head.weight.grad.clone()))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
     assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+
+
+def test_the_hybrids_checkpoints_are_tied_to_the_qlora_adapter_it_starts_from(tmp_path):
+    from ftstudy.training import fingerprint
+
+    (tmp_path / "models/base").mkdir(parents=True)
+    (tmp_path / "models/qlora").mkdir()
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    adapter = tmp_path / "models/qlora/adapter_model.safetensors"
+    spec = method_spec(Params(), "sequential_ensemble")
+    adapter.write_bytes(b"first adapter")
+    before = fingerprint(spec, Params(), tmp_path / "train.jsonl", tmp_path / "models")
+    adapter.write_bytes(b"retrained adapter")
+    assert fingerprint(spec, Params(), tmp_path / "train.jsonl", tmp_path / "models") != before
