@@ -1,42 +1,52 @@
 """Training speed and memory: the plain Hugging Face configuration vs this project's path, in one run.
 
-    python benchmarks/speed.py --arch gemma-3-1b --out results.json      # on the GPU (see ../shared/GPU.md)
-    python benchmarks/speed.py --arch tiny --steps 3                     # CPU smoke run (part of the tests)
+    python benchmarks/speed.py --arch gemma-3-1b --out h100.json      # on the GPU (see ../shared/GPU.md)
+    python benchmarks/speed.py --arch tiny --steps 3                  # CPU smoke run (part of the tests)
 
-For each method both variants start from the same random weights, see the same batches (``--batch`` x
-``--seq-len`` tokens, the first ``--prompt-frac`` of each row masked as prompt, as in instruction tuning)
-and run the same optimizer. Only how the loss is computed and the memory levers differ:
+Every method is measured twice on the same random weights (saved once, loaded by both), the same batches
+(``--batch`` x ``--seq-len`` tokens, the first ``--prompt-frac`` of each row masked as prompt, as in
+instruction tuning), the same learning rate, and an optimizer built by transformers' Trainer for both:
 
-- baseline: ``model(input_ids, labels=...)``, i.e. full fp32 logits over the 262,144-way vocabulary at every
-  position, gradient checkpointing on;
-- project: ``ftstudy.loss.completion_loss`` (the head only where a label exists, in chunks, never the full
-  logits), with the checkpointing the project uses for that method.
+- baseline, the plain stack as the seeds ran it: transformers + peft recipes (``prepare_model_for_kbit_training``
+  for QLoRA), ``model(input_ids, labels=...)`` (full fp32 logits at every position), gradient checkpointing
+  on every layer, bf16 autocast as ``Trainer(bf16=True)`` does, ``adamw_torch`` / ``galore_adamw_8bit``;
+- project: ``ftstudy.training.prepare_model`` and ``completion_loss``, i.e. exactly what the training stages
+  run (fused head loss, the levers of ftstudy.fastpath, layer-wise 8-bit GaLore, fused AdamW), with the
+  same checkpointing.
 
-Prints tokens/s (median over timed steps, after warm-up), peak allocated/reserved memory, the ratios to the
-baseline, and the loss after the same steps (they must agree within bf16 noise); writes JSON records.
+Each variant runs in its own process: Liger patches transformers' Gemma 3 module and compiled code stays
+cached, either of which would leak into a variant measured after it. LoRA dropout is 0 in both, so the
+losses can be compared step by step. Prints tokens/s (median over timed steps, after warm-up), peak
+allocated/reserved memory, the ratios to the baseline and the loss after the same steps; writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from ftstudy.arch import GEMMA3_1B
-from ftstudy.loss import completion_loss
-from ftstudy.params import ALL_LINEAR
-from ftstudy.params import ATTENTION as ATTN
-from ftstudy.prompt import IGNORE_INDEX
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ftstudy.arch import GEMMA3_1B  # noqa: E402
+from ftstudy.params import Params  # noqa: E402
+from ftstudy.prompt import IGNORE_INDEX  # noqa: E402
 
 TINY = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=1, head_dim=32, sliding_window=64, max_position_embeddings=1024,
             pad_token_id=0, eos_token_id=1, bos_token_id=2)
 METHODS = ("qlora", "lora_wide", "galore")
+BASELINE_GALORE = {True: "galore_adamw_8bit", False: "galore_adamw"}            # by CUDA: the plain stack's
+PROJECT_GALORE = {True: "galore_adamw_8bit_layerwise", False: "galore_adamw_layerwise"}  # the training stages'
 
 
 def make_batches(n: int, batch: int, seq_len: int, vocab: int, prompt_frac: float, seed: int = 0) -> list[dict]:
@@ -50,65 +60,83 @@ def make_batches(n: int, batch: int, seq_len: int, vocab: int, prompt_frac: floa
     return out
 
 
-def build(method: str, arch: dict, cuda: bool, checkpointing: bool, seed: int = 0):
-    """The model and optimizer of ``method``: the same for both variants."""
+def bench_params(method: str, variant: str, cuda: bool) -> Params:
+    p = Params(profile="benchmark")
+    galore = (PROJECT_GALORE if variant == "project" else BASELINE_GALORE)[cuda]
+    return dataclasses.replace(
+        p, train=dataclasses.replace(p.train, gradient_checkpointing=True, weight_decay=0.0),
+        train_qlora=dataclasses.replace(p.train_qlora, lora_dropout=0.0, learning_rate=1e-4),
+        train_lora_wide=dataclasses.replace(p.train_lora_wide, lora_dropout=0.0, learning_rate=1e-4),
+        train_galore=dataclasses.replace(p.train_galore, optimizer=galore, learning_rate=1e-5),
+    )
+
+
+def build_baseline(spec, base_dir: Path, cuda: bool):
+    """The plain transformers + peft recipe for ``spec``."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Gemma3TextConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = torch.bfloat16 if cuda else torch.float32
-    device = "cuda" if cuda else "cpu"
-    torch.manual_seed(seed)
-    config = Gemma3TextConfig(**arch)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
-    if method == "qlora":
-        # Quantize the very same random weights: save, then reload in NF4.
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as td:
-            model.save_pretrained(td)
-            del model
-            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=dtype)
-            model = AutoModelForCausalLM.from_pretrained(td, quantization_config=q, dtype=dtype,
-                                                         device_map={"": 0} if cuda else {"": "cpu"})
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
-    if method in ("qlora", "lora_wide"):
-        r, alpha, targets = (64, 16, ATTN) if method == "qlora" else (128, 32, ALL_LINEAR)
-        torch.manual_seed(seed + 1)
-        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
-                                                 task_type="CAUSAL_LM"))
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if method != "qlora" and hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
+    kwargs = {"dtype": dtype}
+    if spec.quantize_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": 0} if cuda else {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
     model.config.use_cache = False
-    model.train()
-    return model, make_optimizer(method, model, cuda)
+    if not spec.quantize_4bit:
+        model.to("cuda" if cuda else "cpu")
+    if spec.quantize_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    if spec.lora is not None:
+        model = get_peft_model(model, LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=0.0,
+                                                 target_modules=list(spec.lora.target_modules), task_type="CAUSAL_LM"))
+    else:
+        model.requires_grad_(True)
+    return model
 
 
-def make_optimizer(method: str, model, cuda: bool):
-    params = [p for p in model.parameters() if p.requires_grad]
-    if method != "galore":
-        return torch.optim.AdamW(params, lr=1e-4)
-    from galore_torch import GaLoreAdamW, GaLoreAdamW8bit
+def make_optimizer(model, optim_kwargs: dict, lr: float, cuda: bool, workdir: Path):
+    """The optimizer transformers' Trainer would build (for layer-wise GaLore: per-parameter steps in hooks)."""
+    from transformers import Trainer, TrainingArguments
 
-    galore, other = [], []
-    for name, p in model.named_parameters():
-        is_linear = p.dim() == 2 and any(f".{t}." in f".{name}" for t in ALL_LINEAR)
-        (galore if is_linear else other).append(p)
-    groups = [{"params": other},
-              {"params": galore, "rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}]
-    return (GaLoreAdamW8bit if cuda else GaLoreAdamW)(groups, lr=1e-5)
+    args = TrainingArguments(output_dir=str(workdir), learning_rate=lr, weight_decay=0.0, report_to="none",
+                             bf16=cuda, use_cpu=not cuda, **optim_kwargs)
+    return Trainer(model=model, args=args).create_optimizer()
 
 
-def run_variant(method: str, variant: str, arch: dict, batches: list[dict], warmup: int, cuda: bool,
-                checkpointing: bool) -> dict:
-    model, opt = build(method, arch, cuda, checkpointing)
+def run_worker(method: str, variant: str, base_dir: Path, batches: list[dict], warmup: int) -> dict:
+    from ftstudy.loss import completion_loss
+    from ftstudy.training import galore_target_patterns, method_spec, optimizer_kwargs, prepare_model
+
+    cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
+    params = bench_params(method, variant, cuda)
+    spec = method_spec(params, method)
+    torch.manual_seed(1)  # LoRA's A matrices: the same draw in both variants
+    if variant == "baseline":
+        model = build_baseline(spec, base_dir, cuda)
+        levers: list[str] = []
+        okw = {"optim": spec.optimizer}
+        if spec.galore is not None:
+            g = spec.galore
+            okw.update(optim_target_modules=galore_target_patterns(g.target_modules),
+                       optim_args=f"rank={g.rank},update_proj_gap={g.update_proj_gap},scale={g.scale}")
+    else:
+        model, levers = prepare_model(spec, params, base_dir, base_dir.parent)
+        if not spec.quantize_4bit:
+            model.to(device)
+        okw = optimizer_kwargs(spec)
+    # What Trainer(gradient_checkpointing=True) does, for both variants.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    with tempfile.TemporaryDirectory() as td:
+        opt = make_optimizer(model, okw, spec.learning_rate, cuda, Path(td))
     times, losses = [], []
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
+    first = time.perf_counter()
     for step, b in enumerate(batches):
         if step == warmup and cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -116,28 +144,37 @@ def run_variant(method: str, variant: str, arch: dict, batches: list[dict], warm
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        if variant == "baseline":
-            loss = model(**b).loss
-        else:
-            loss = completion_loss(model, b["input_ids"], b["attention_mask"], b["labels"])
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+            if variant == "baseline":
+                loss = model(**b).loss
+            else:
+                loss = completion_loss(model, b["input_ids"], b["attention_mask"], b["labels"])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
+        if step == 0:
+            first = time.perf_counter() - first
         if step >= warmup:
             times.append(time.perf_counter() - t0)
-        losses.append(float(loss.detach()))
-    tokens = batches[0]["input_ids"].numel()
-    rec = {"tokens_per_s": round(tokens / statistics.median(times), 1), "loss": round(losses[-1], 5),
-           "losses": [round(x, 5) for x in losses], "gradient_checkpointing": checkpointing}
+        losses.append(round(float(loss.detach()), 5))
+    rec = {"tokens_per_s": round(batches[0]["input_ids"].numel() / statistics.median(times), 1),
+           "loss": losses[-1], "losses": losses, "optimizer": okw["optim"], "levers": levers,
+           "first_step_s": round(first, 2)}
     if cuda:
         rec["peak_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         rec["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
-    del model, opt
-    if cuda:
-        torch.cuda.empty_cache()
     return rec
+
+
+def build_base(arch: dict, out: Path, cuda: bool) -> None:
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Gemma3TextConfig(**arch),
+                                             dtype=torch.bfloat16 if cuda else torch.float32)
+    model.save_pretrained(out, safe_serialization=True)
 
 
 def main(argv=None) -> list[dict]:
@@ -148,31 +185,51 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--prompt-frac", type=float, default=0.5)
     parser.add_argument("--steps", type=int, default=8, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--project-checkpointing", choices=["on", "off"], default="on")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed first steps (compilation, GaLore's SVD)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--worker", nargs=3, metavar=("METHOD", "VARIANT", "BASE_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     arch = GEMMA3_1B if args.arch == "gemma-3-1b" else TINY
     batches = make_batches(args.warmup + args.steps, args.batch, args.seq_len, arch["vocab_size"], args.prompt_frac)
+    if args.worker:
+        method, variant, base_dir = args.worker
+        print("WORKER " + json.dumps(run_worker(method, variant, Path(base_dir), batches, args.warmup)), flush=True)
+        return []
+
     records = []
-    for method in args.methods:
-        base = run_variant(method, "baseline", arch, batches, args.warmup, cuda, checkpointing=True)
-        ours = run_variant(method, "project", arch, batches, args.warmup, cuda,
-                           checkpointing=args.project_checkpointing == "on")
-        rec = {"method": method, "device": torch.cuda.get_device_name() if cuda else "cpu", "arch": args.arch,
-               "batch": args.batch, "seq_len": args.seq_len, "prompt_frac": args.prompt_frac, "steps": len(batches),
-               "baseline_tokens_per_s": base["tokens_per_s"], "tokens_per_s": ours["tokens_per_s"],
-               "speedup": round(ours["tokens_per_s"] / base["tokens_per_s"], 3),
-               "baseline_loss": base["loss"], "loss": ours["loss"],
-               "baseline_losses": base["losses"], "losses": ours["losses"],
-               "project_gradient_checkpointing": ours["gradient_checkpointing"]}
-        if cuda:
-            rec.update(baseline_peak_allocated_gb=base["peak_allocated_gb"], peak_allocated_gb=ours["peak_allocated_gb"],
-                       baseline_peak_reserved_gb=base["peak_reserved_gb"], peak_reserved_gb=ours["peak_reserved_gb"],
-                       memory_ratio=round(ours["peak_allocated_gb"] / base["peak_allocated_gb"], 3))
-        records.append(rec)
-        print(json.dumps({k: v for k, v in rec.items() if "losses" not in k}), flush=True)
+    with tempfile.TemporaryDirectory() as td:
+        base_dir = Path(td) / "base"
+        build_base(arch, base_dir, cuda)
+        shared = ["--arch", args.arch, "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--prompt-frac",
+                  str(args.prompt_frac), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        for method in args.methods:
+            got = {}
+            for variant in ("baseline", "project"):
+                proc = subprocess.run([sys.executable, __file__, *shared, "--worker", method, variant, str(base_dir)],
+                                      capture_output=True, text=True)
+                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("WORKER ")]
+                if proc.returncode or not lines:
+                    sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+                    raise SystemExit(f"{method}/{variant} failed (exit {proc.returncode})")
+                got[variant] = json.loads(lines[-1][len("WORKER "):])
+            base, ours = got["baseline"], got["project"]
+            rec = {"method": method, "device": torch.cuda.get_device_name() if cuda else "cpu", "arch": args.arch,
+                   "batch": args.batch, "seq_len": args.seq_len, "prompt_frac": args.prompt_frac,
+                   "steps": len(batches), "timed_steps": args.steps, "gradient_checkpointing": "all layers, both",
+                   "baseline_tokens_per_s": base["tokens_per_s"], "tokens_per_s": ours["tokens_per_s"],
+                   "speedup": round(ours["tokens_per_s"] / base["tokens_per_s"], 3),
+                   "baseline_loss": base["loss"], "loss": ours["loss"],
+                   "baseline_losses": base["losses"], "losses": ours["losses"],
+                   "baseline_optimizer": base["optimizer"], "optimizer": ours["optimizer"], "levers": ours["levers"],
+                   "baseline_first_step_s": base["first_step_s"], "first_step_s": ours["first_step_s"]}
+            if cuda:
+                rec.update(baseline_peak_allocated_gb=base["peak_allocated_gb"],
+                           peak_allocated_gb=ours["peak_allocated_gb"],
+                           baseline_peak_reserved_gb=base["peak_reserved_gb"], peak_reserved_gb=ours["peak_reserved_gb"],
+                           memory_ratio=round(ours["peak_allocated_gb"] / base["peak_allocated_gb"], 3))
+            records.append(rec)
+            print(json.dumps({k: v for k, v in rec.items() if "losses" not in k}), flush=True)
     print(f"\n{'method':10} {'base tok/s':>11} {'ours tok/s':>11} {'speedup':>8} {'base GB':>8} {'ours GB':>8} "
           f"{'mem ratio':>9} {'base loss':>10} {'ours loss':>10}")
     for r in records:

@@ -76,7 +76,7 @@ def evaluate(name: str, model_dir: str | Path, base_dir: str | Path, test_path: 
     predictions, gen_stats = generate(
         model, tokenizer, records, max_new_tokens=p.max_new_tokens, batch_size=p.batch_size,
         max_prompt_tokens=p.max_prompt_tokens, progress=progress, journal=journal,
-        fingerprint=eval_fingerprint(model_dir, base_dir, test_path, p),
+        fingerprint=eval_fingerprint(model_dir, base_dir, test_path, p), batch_tokens=p.batch_tokens,
     )
     write_jsonl(showcase_path, _showcase(model, tokenizer, params))
     metrics = write_results(name, records, predictions, gen_stats, params, predictions_path, metrics_path)

@@ -12,8 +12,8 @@ from tqdm.auto import tqdm
 from ftstudy.prompt import clean_generation, tokenize_prompt
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
+def left_pad(seqs: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs) if width is None else width
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -21,6 +21,21 @@ def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
         ids[i, width - len(s):] = torch.tensor(s)
         mask[i, width - len(s):] = 1
     return ids, mask
+
+
+def plan_batches(order: list[int], lengths: list[int], batch_size: int, batch_tokens: int = 0) -> list[list[int]]:
+    """Consecutive batches of ``order`` (longest first): at most ``batch_size`` rows and, when ``batch_tokens``
+    is set, at most that many padded prompt tokens (rows x the batch's first, longest, prompt)."""
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        if cur and (len(cur) == batch_size or (batch_tokens and (len(cur) + 1) * lengths[cur[0]] > batch_tokens)):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
 
 
 def _read_journal(journal: Path | None, fingerprint: str) -> dict[int, dict]:
@@ -46,20 +61,26 @@ def _read_journal(journal: Path | None, fingerprint: str) -> dict[int, dict]:
 @torch.inference_mode()
 def generate(model, tokenizer, records: list[dict], *, max_new_tokens: int, batch_size: int,
              max_prompt_tokens: int, progress: bool = True, journal: str | Path | None = None,
-             fingerprint: str = "") -> tuple[list[str], dict]:
+             fingerprint: str = "", static_cache: bool = False, batch_tokens: int = 0) -> tuple[list[str], dict]:
     """Greedy completions for ``records`` (in input order) and generation statistics.
 
-    Prompts are sorted by length before batching so a batch holds similar lengths and little padding.
+    Prompts are sorted by length before batching so a batch holds similar lengths and little padding;
+    ``batch_tokens`` (rows x prompt width, 0 = no cap) keeps batches of long prompts from running out of memory
+    in the prefill while batches of short ones stay large.
     With ``journal``, each finished batch is appended to that file; a rerun with the same ``fingerprint``
     skips the batches already there, so an interrupted evaluation resumes instead of starting over.
     Batch boundaries do not depend on what is done, so a resumed run generates exactly what a full one would.
+
+    With ``static_cache`` every batch has the same shape (``batch_size`` rows, the last batch topped up with
+    copies; as many columns as the longest prompt) and a static KV cache, so transformers compiles the decoding step
+    once, with CUDA graphs, instead of launching every kernel of every layer from Python at each token.
     """
     encoded = [tokenize_prompt(tokenizer, r, max_prompt_tokens) for r in records]
     order = sorted(range(len(records)), key=lambda i: len(encoded[i]), reverse=True)
     outputs: list[str] = [""] * len(records)
     device = next(model.parameters()).device
     journal = Path(journal) if journal is not None else None
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = plan_batches(order, [len(e) for e in encoded], batch_size, 0 if static_cache else batch_tokens)
     done = _read_journal(journal, fingerprint)
     # Keep whole batches only: a batch cut short by a kill is generated again as a whole.
     done = {i: done[i] for b in batches if all(j in done for j in b) for i in b}
@@ -73,15 +94,20 @@ def generate(model, tokenizer, records: list[dict], *, max_new_tokens: int, batc
     for i, e in done.items():
         outputs[i] = e["text"]
     todo = [b for b in batches if b[0] not in done]
+    width = max((len(e) for e in encoded), default=1)
     for batch in tqdm(todo, desc="generate", disable=not progress, unit="batch"):
         start = time.perf_counter()
-        ids, mask = _left_pad([encoded[i] for i in batch], tokenizer.pad_token_id)
+        seqs = [encoded[i] for i in batch]
+        if static_cache:
+            seqs += [seqs[-1]] * (batch_size - len(seqs))
+        ids, mask = left_pad(seqs, tokenizer.pad_token_id, width if static_cache else None)
         out = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
             do_sample=False, top_p=None, top_k=None, temperature=None,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            cache_implementation="static" if static_cache else None,
         )
-        gen = out[:, ids.shape[1]:]
+        gen = out[: len(batch), ids.shape[1]:].cpu()  # one transfer, not one sync per row
         entries = []
         for row, i in enumerate(batch):
             toks = gen[row]

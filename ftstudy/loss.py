@@ -9,6 +9,8 @@ against the standard path); only the wasted work is gone.
 
 from __future__ import annotations
 
+from types import MethodType
+
 import torch
 import torch.nn.functional as F
 
@@ -29,10 +31,15 @@ def causal_lm(model):
             raise TypeError(f"{type(model).__name__} has no lm_head to compute a completion loss with")
 
 
-CHUNK_TOKENS = 2048  # labelled positions projected to the vocabulary at once
+LOGIT_CHUNK_BYTES = 256 * 2**20  # fp32 logits alive at once: 256 rows of Gemma 3's 262,144-way vocabulary
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(1, LOGIT_CHUNK_BYTES // (4 * vocab))
 
 
 def _head_ce(lm, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Cross-entropy through the head, autograd all the way: for scoring and for heads the fused path cannot take."""
     logits = lm.lm_head(hidden).float()
     cap = getattr(lm.config, "final_logit_softcapping", None)
     if cap:
@@ -40,21 +47,87 @@ def _head_ce(lm, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "
     return F.cross_entropy(logits, targets, reduction=reduction)
 
 
-def labelled_ce(lm, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of ``hidden`` (n, d) against ``targets`` (n,), at most CHUNK_TOKENS logit rows alive.
+class _FusedLinearCE(torch.autograd.Function):
+    """sum(CE(hidden @ weight.T, targets)), with both gradients computed chunk by chunk in the forward.
 
-    Above CHUNK_TOKENS each chunk runs under activation checkpointing, so its fp32 logits are freed after
-    the forward and rebuilt in the backward: memory stays flat however many tokens carry labels.
+    The logits of one chunk (at most LOGIT_CHUNK_BYTES in fp32) exist at a time and nothing of them is kept
+    for the backward, which only scales the stored gradients: the head runs once forward and twice for the
+    gradients (input and, when trainable, weight), never a third time as under checkpointing. Logits are
+    computed in the weight's dtype and reduced in fp32, as transformers' loss does.
     """
-    if hidden.shape[0] <= CHUNK_TOKENS or not torch.is_grad_enabled():
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):
+        need_h, need_w = hidden.requires_grad, weight.requires_grad
+        grad_h = torch.empty_like(hidden, dtype=weight.dtype) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk):
+                h = hidden[start:start + chunk].to(weight.dtype)
+                t = targets[start:start + chunk]
+                logits = (h @ weight.T).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                if not (need_h or need_w):
+                    continue
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: d(CE)/d(logits) = softmax - onehot
+                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                g = probs.to(weight.dtype)
+                del logits, probs
+                if need_h:
+                    torch.mm(g, weight, out=grad_h[start:start + chunk])
+                if need_w:
+                    grad_w.addmm_(g.T, h)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.hidden_dtype = hidden.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = (grad_h * grad_out).to(ctx.hidden_dtype) if grad_h is not None else None
+        gw = grad_w.mul_(grad_out.to(grad_w.dtype)) if grad_w is not None else None
+        return gh, gw, None, None
+
+
+def _fusable(lm) -> bool:
+    head = lm.lm_head
+    return (type(head) is torch.nn.Linear and head.bias is None
+            and not getattr(lm.config, "final_logit_softcapping", None))
+
+
+def labelled_ce(lm, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of ``hidden`` (n, d) against ``targets`` (n,), never more than one chunk of logits alive.
+
+    A plain linear head goes through the fused function above. Any other head (adapted, biased, soft-capped)
+    falls back to chunks under activation checkpointing, whose logits are rebuilt in the backward.
+    """
+    if not torch.is_grad_enabled():
+        return _head_ce(lm, hidden, targets)
+    weight = lm.lm_head.weight
+    chunk = _chunk_rows(weight.shape[0])
+    if _fusable(lm):
+        return _FusedLinearCE.apply(hidden, weight, targets, chunk)
+    if hidden.shape[0] <= chunk:
         return _head_ce(lm, hidden, targets)
     from torch.utils.checkpoint import checkpoint
 
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], CHUNK_TOKENS):
-        part = slice(start, start + CHUNK_TOKENS)
+    for start in range(0, hidden.shape[0], chunk):
+        part = slice(start, start + chunk)
         total = total + checkpoint(_head_ce, lm, hidden[part], targets[part], use_reentrant=False)
     return total
+
+
+def _completion_forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **_unused):
+    """Stands in for the *ForCausalLM's forward during one completion_loss call (see there)."""
+    hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    loss = labelled_ce(self, hidden[:, :-1][keep], targets[keep])
+    denom = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
+    return {"loss": loss / denom}
 
 
 def completion_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
@@ -63,11 +136,15 @@ def completion_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
     Returns the mean over those tokens, or their sum divided by ``num_items`` when given (the token
     count of the whole accumulated batch, so gradient accumulation weighs every token equally).
+
+    The call goes through ``model`` itself, whatever wraps the causal LM (PEFT, DDP, FSDP): DDP synchronises
+    gradients and FSDP gathers weights only for a forward that passes through them. For that one call the
+    causal LM's forward is swapped for one that returns this loss and no logits.
     """
     lm = causal_lm(model)
-    hidden = lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    loss = labelled_ce(lm, hidden[:, :-1][keep], targets[keep])
-    denom = num_items if num_items is not None else keep.sum().clamp(min=1)
-    return loss / denom
+    lm.forward = MethodType(_completion_forward, lm)
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, num_items_in_batch=num_items)
+    finally:
+        del lm.forward  # the class's forward again
+    return out["loss"]

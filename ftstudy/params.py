@@ -79,6 +79,9 @@ ALL_LINEAR = ATTENTION + ["gate_proj", "up_proj", "down_proj"]
 LINEAR_NAMES = tuple(ALL_LINEAR)
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 GALORE_OPTIMIZERS = ("galore_adamw", "galore_adamw_layerwise", "galore_adamw_8bit", "galore_adamw_8bit_layerwise")
+FASTPATH_SETTINGS = ("auto", "on", "off")
+STRATEGIES = ("ddp", "fsdp")
+FULL_PARAMETER_OPTIMIZERS = (*GALORE_OPTIMIZERS, "adamw_torch")
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,10 @@ class TrainParams:
     max_grad_norm: float = _spec(1.0, gt=0)
     save_steps: int = _spec(5, ge=1, doc="checkpoint interval; an interrupted run resumes from the last one")
     gradient_checkpointing: bool = _spec(False)
+    kernels: str = _spec("auto", choices=FASTPATH_SETTINGS, doc="Liger's Triton kernels; auto = on with CUDA")
+    compile: str = _spec("auto", choices=FASTPATH_SETTINGS, doc="torch.compile each decoder layer; auto = on with CUDA")
+    num_processes: int = _spec(1, ge=1, le=64, doc="workers (GPUs) per training stage; >1 launches it through torchrun")
+    strategy: str = _spec("ddp", choices=STRATEGIES, doc="data parallelism with num_processes > 1: ddp or fsdp")
     progress_bar: bool = _spec(True)
 
 
@@ -110,7 +117,8 @@ class LoraParams:
 
 @dataclass(frozen=True)
 class GaloreParams:
-    optimizer: str = _spec("galore_adamw_layerwise", choices=GALORE_OPTIMIZERS)
+    optimizer: str = _spec("galore_adamw_layerwise", choices=FULL_PARAMETER_OPTIMIZERS,
+                           doc="a GaLore optimizer; adamw_torch = full-parameter training without GaLore (FSDP)")
     rank: int = _spec(128, ge=1)
     update_proj_gap: int = _spec(200, ge=1)
     scale: float = _spec(0.25, gt=0)
@@ -131,6 +139,7 @@ MODELS = ("base", "qlora", "lora_wide", "galore", "sequential_ensemble")
 class EvaluateParams:
     max_new_tokens: int = _spec(64, ge=1, le=4096)
     batch_size: int = _spec(16, ge=1)
+    batch_tokens: int = _spec(0, ge=0, doc="cap on rows x prompt width per generation batch; 0 = no cap")
     max_prompt_tokens: int = _spec(384, ge=8)
     showcase_prompts: list = _spec(list(SHOWCASE), doc="the seeds' three showcase prompts, asked of every model")
 

@@ -13,7 +13,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from ftstudy.generation import _left_pad
+from ftstudy.generation import left_pad
 from ftstudy.loss import _head_ce, causal_lm
 from ftstudy.prompt import clean_generation, tokenize_prompt
 
@@ -26,7 +26,7 @@ def mean_logprob(model, prompt_ids: list[list[int]], completion_ids: list[list[i
     trick as the training loss), so scoring k candidates does not build k full-vocabulary logit tensors.
     """
     seqs = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
-    ids, mask = _left_pad(seqs, pad_id)
+    ids, mask = left_pad(seqs, pad_id)
     device = next(model.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
     lm = causal_lm(model)
@@ -57,7 +57,7 @@ def rerank(proposer, scorer, tokenizer, records: list[dict], *, k: int, temperat
     batches = [order[i:i + per_batch] for i in range(0, len(order), per_batch)]
     for batch in tqdm(batches, desc="rerank", disable=not progress, unit="batch"):
         t0 = time.perf_counter()
-        ids, mask = _left_pad([encoded[i] for i in batch], tokenizer.pad_token_id)
+        ids, mask = left_pad([encoded[i] for i in batch], tokenizer.pad_token_id)
         out = proposer.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
             do_sample=True, temperature=temperature, top_p=top_p, top_k=None, num_return_sequences=k,

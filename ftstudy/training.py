@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
+from ftstudy import distributed, fastpath
 from ftstudy.atomic import atomic_dir, read_jsonl, sha256_file, write_json
 from ftstudy.errors import UserError
-from ftstudy.loss import completion_loss
+from ftstudy.loss import causal_lm, completion_loss
 from ftstudy.models import load_tokenizer, merged_model
 from ftstudy.params import Params
 from ftstudy.prompt import IGNORE_INDEX, tokenize_example
@@ -72,8 +73,9 @@ def method_spec(params: Params, name: str) -> MethodSpec:
                           "adamw_torch", None, w.learning_rate, w.max_steps)
     if name in ("galore", "sequential_ensemble"):
         g = params.train_galore if name == "galore" else params.train_sequential_ensemble
-        return MethodSpec(name, "base" if name == "galore" else "merged:qlora", False, None, g.optimizer,
-                          GaloreSpec(g.rank, g.update_proj_gap, g.scale, tuple(g.target_modules)),
+        galore = (GaloreSpec(g.rank, g.update_proj_gap, g.scale, tuple(g.target_modules))
+                  if g.optimizer.startswith("galore") else None)  # adamw_torch: plain full-parameter training
+        return MethodSpec(name, "base" if name == "galore" else "merged:qlora", False, None, g.optimizer, galore,
                           g.learning_rate, g.max_steps)
     raise UserError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
 
@@ -174,9 +176,30 @@ def attach_adapter(model, spec: MethodSpec, gradient_checkpointing: bool):
         return model
     if spec.quantize_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        fastpath.keep_embedding_dtype(model, compute_dtype())
     config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                         target_modules=list(spec.lora.target_modules), bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def prepare_model(spec: MethodSpec, params: Params, base_dir: Path, models_dir: Path) -> tuple[object, list[str]]:
+    """The model ``spec`` trains, with the speed levers of ftstudy.fastpath that params and the device call for."""
+    model = load_start_model(spec, base_dir, models_dir)
+    model.config.use_cache = False
+    model = attach_adapter(model, spec, params.train.gradient_checkpointing)
+    levers = fastpath.speed_up(model, kernels=params.train.kernels, compile=params.train.compile,
+                               cuda=torch.cuda.is_available())
+    return model, levers
+
+
+def optimizer_kwargs(spec: MethodSpec) -> dict:
+    """TrainingArguments for ``spec``'s optimizer (the fused AdamW on CUDA; GaLore's targets and projection)."""
+    kwargs = {"optim": fastpath.optimizer_name(spec.optimizer, torch.cuda.is_available())}
+    if spec.galore is not None:
+        g = spec.galore
+        kwargs.update(optim_target_modules=galore_target_patterns(g.target_modules),
+                      optim_args=f"rank={g.rank},update_proj_gap={g.update_proj_gap},scale={g.scale}")
+    return kwargs
 
 
 def _numel(p) -> int:
@@ -270,6 +293,10 @@ def completion_trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss = completion_loss(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"],
                                    num_items_in_batch)
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+                # num_items_in_batch counts every worker's tokens and DDP averages gradients over workers:
+                # scale back up, as Trainer.compute_loss does, so N workers learn what one would.
+                loss = loss * self.accelerator.num_processes
             return (loss, None) if return_outputs else loss
 
     return CompletionTrainer
@@ -305,19 +332,27 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     """
     from transformers import TrainingArguments, set_seed
 
+    cuda = torch.cuda.is_available()
     check_hardware(spec)
+    fastpath.check(params.train.kernels, cuda)
+    distributed.check(spec, params.train, cuda)
+    distributed.init(cuda)
     t = params.train
+    main = distributed.is_main()
+    live_dir = live_dir if main else None  # one worker writes the curves
     models_dir, ckpt_dir, train_path = Path(models_dir), Path(ckpt_dir), Path(train_path)
     base_dir = models_dir / "base"
     fp = fingerprint(spec, params, train_path, models_dir)
     stamp = ckpt_dir / "fingerprint.txt"
-    if ckpt_dir.exists() and (not stamp.exists() or stamp.read_text() != fp):
-        shutil.rmtree(ckpt_dir)  # made from other params or data: resuming it would mix two runs
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(fp)
-    last = last_complete_checkpoint(ckpt_dir)
+    with distributed.main_first():
+        if main:
+            if ckpt_dir.exists() and (not stamp.exists() or stamp.read_text() != fp):
+                shutil.rmtree(ckpt_dir)  # made from other params or data: resuming it would mix two runs
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            stamp.write_text(fp)
+        last = last_complete_checkpoint(ckpt_dir)
     resumed_from = int(last.name.split("-")[-1]) if last else 0
-    if last:
+    if last and main:
         print(f"resuming {spec.name} from {last} (step {resumed_from})")
     if live_dir is not None and last:
         _truncate_curves(Path(live_dir), resumed_from)
@@ -328,27 +363,19 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     tokenizer = load_tokenizer(base_dir, padding_side="right")
     records = read_jsonl(train_path)
     dataset = tokenize_dataset(tokenizer, records, t.max_seq_len, t.max_prompt_tokens)
-    model = load_start_model(spec, base_dir, models_dir)
-    model.config.use_cache = False
-    model = attach_adapter(model, spec, t.gradient_checkpointing)
+    model, levers = prepare_model(spec, params, base_dir, models_dir)
     trainable, total = count_parameters(model)
-
-    optim_kwargs = {}
-    if spec.galore is not None:
-        g = spec.galore
-        optim_kwargs = {"optim_target_modules": galore_target_patterns(g.target_modules),
-                        "optim_args": f"rank={g.rank},update_proj_gap={g.update_proj_gap},scale={g.scale}"}
-    cuda = torch.cuda.is_available()
+    layer_cls = type(causal_lm(model).model.layers[0]).__name__
     args = TrainingArguments(
-        output_dir=str(ckpt_dir), max_steps=spec.max_steps, per_device_train_batch_size=t.batch_size,
+        output_dir=str(ckpt_dir), max_steps=spec.max_steps, **distributed.trainer_kwargs(t, layer_cls),
         gradient_accumulation_steps=t.grad_accum, learning_rate=spec.learning_rate, warmup_steps=t.warmup_steps,
         lr_scheduler_type=t.lr_scheduler, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         logging_steps=1, save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         bf16=cuda, use_cpu=not cuda, seed=params.seed, data_seed=params.seed, report_to="none",
-        dataloader_num_workers=0, remove_unused_columns=False, optim=spec.optimizer,
-        disable_tqdm=not t.progress_bar, **optim_kwargs,
+        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not t.progress_bar,
+        **optimizer_kwargs(spec),
     )
     collator = Collator(tokenizer.pad_token_id)
     trainer = completion_trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator,
@@ -359,9 +386,18 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     seconds = time.perf_counter() - start
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    devices = distributed.gather({"rank": distributed.rank(), "trained_tokens": collator.tokens_seen,
+                                  "tokens_per_s": round(collator.tokens_seen / seconds, 2) if seconds else 0.0,
+                                  **peak_memory()})
+    # FSDP holds a shard per worker: every worker takes part in gathering the full weights.
+    state_dict = (trainer.accelerator.get_state_dict(trainer.model)
+                  if distributed.world_size() > 1 and t.strategy == "fsdp" else None)
+    if not main:
+        distributed.barrier()  # the main worker saves; wait for it, then leave
+        return None
 
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if spec.lora is None:
             tokenizer.save_pretrained(tmp)
         write_json(tmp / "training_config.json", {"spec": asdict(spec), "train": asdict(t), "seed": params.seed,
@@ -369,18 +405,25 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     metrics = {
         "method": spec.name,
         "profile": params.profile,
-        "optimizer": spec.optimizer,
+        "optimizer": fastpath.optimizer_name(spec.optimizer, cuda),
+        "speed_levers": levers,
         "device": device_kind(),
         "train_seconds": round(seconds, 2),
-        "tokens_per_s": round(collator.tokens_seen / seconds, 2) if seconds else 0.0,
-        "trained_tokens": collator.tokens_seen,
+        "tokens_per_s": round(sum(d["trained_tokens"] for d in devices) / seconds, 2) if seconds else 0.0,
+        "trained_tokens": sum(d["trained_tokens"] for d in devices),
+        "num_processes": distributed.world_size(),
+        "strategy": t.strategy if distributed.world_size() > 1 else "single",
+        "per_device_batch": args.per_device_train_batch_size,
+        "effective_batch": args.per_device_train_batch_size * distributed.world_size() * t.grad_accum,
         "steps": result.global_step,
         "resumed_from_step": resumed_from,
         "trainable_params": trainable,
         "total_params": total,
         "final_train_loss": round(float(losses[-1]), 6) if losses else math.nan,
         "mean_train_loss": round(float(result.training_loss), 6),
-        **peak_memory(),
+        **peak_memory(),  # this (the main) worker's; every worker's below, and their sum
+        "peak_memory_gb_total": round(sum(d["peak_memory_gb"] for d in devices), 3),
+        "per_device": devices,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
@@ -388,4 +431,5 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     if os.environ.get("FTSTUDY_KEEP_CHECKPOINTS") != "1":
         for ck in ckpt_dir.glob("checkpoint-*"):
             shutil.rmtree(ck)  # finished: the final model is in out_dir; keep the (small) stamp only
+    distributed.barrier()
     return metrics

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from ftstudy import synthetic
-from ftstudy.generation import generate
+from ftstudy.generation import generate, plan_batches
 from ftstudy.sources import convert_rows
 
 
@@ -21,6 +21,21 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny_model, tiny_token
                          max_prompt_tokens=256, progress=False)
     assert batched == single
     assert stats["generated_tokens"] > 0
+    # Token-capped batches, and fixed shapes with a static cache (topped-up rows), answer the same.
+    capped, _ = generate(tiny_model, tiny_tokenizer, recs, max_new_tokens=6, batch_size=6, batch_tokens=120,
+                         max_prompt_tokens=256, progress=False)
+    static, _ = generate(tiny_model, tiny_tokenizer, recs, max_new_tokens=6, batch_size=4, static_cache=True,
+                         max_prompt_tokens=256, progress=False)
+    assert capped == single and static == single
+
+
+def test_long_prompts_get_smaller_batches_under_a_token_cap():
+    lengths = [100, 90, 50, 40, 30, 20, 10, 10]
+    order = list(range(8))  # longest first, as generate() sorts them
+    assert plan_batches(order, lengths, batch_size=4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # 200 padded tokens: 2 rows of 100, then 4 of 50 (the cap counts rows x the batch's longest prompt).
+    assert plan_batches(order, lengths, batch_size=4, batch_tokens=200) == [[0, 1], [2, 3, 4, 5], [6, 7]]
+    assert plan_batches(order, lengths, batch_size=4, batch_tokens=10) == [[i] for i in order]  # never empty
 
 
 def test_interrupted_generation_resumes_from_its_journal(tiny_model, tiny_tokenizer, tmp_path):

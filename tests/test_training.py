@@ -131,20 +131,33 @@ def test_4bit_without_bitsandbytes_is_a_clear_error(monkeypatch):
         check_hardware(method_spec(Params(), "qlora"), cuda=False)
 
 
-def test_chunked_loss_equals_the_unchunked_loss_and_gradients(tiny_model_dir, tiny_tokenizer, monkeypatch):
+@pytest.mark.parametrize("frozen_head", [False, True], ids=["trained-head", "frozen-head"])
+def test_fused_and_chunked_losses_equal_the_plain_loss_and_gradients(tiny_model_dir, tiny_tokenizer, monkeypatch,
+                                                                     frozen_head):
+    """The fused head (gradients made in the forward) and the checkpointed chunks change nothing that is learned."""
     from ftstudy import loss as loss_mod
     from ftstudy.models import load_model
 
     batch = _batch(tiny_tokenizer, _records(4))
-    results = []
-    for chunk in (10**6, 7):  # one chunk vs many checkpointed chunks
-        monkeypatch.setattr(loss_mod, "CHUNK_TOKENS", chunk)
+    vocab = load_model(tiny_model_dir).config.vocab_size
+    results = {}
+    for name, fused, rows in [("plain", False, 10**6), ("fused", True, 10**6), ("fused-chunks", True, 7),
+                              ("checkpointed-chunks", False, 7)]:
+        monkeypatch.setattr(loss_mod, "LOGIT_CHUNK_BYTES", rows * 4 * vocab)
+        monkeypatch.setattr(loss_mod, "_fusable", lambda lm, fused=fused: fused)
         model = load_model(tiny_model_dir).train()
+        if frozen_head:  # LoRA: the tied embedding / head is frozen, the gradient must still reach the layers
+            model.lm_head.weight.requires_grad_(False)
         value = completion_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         value.backward()
-        results.append((value.item(), model.lm_head.weight.grad.clone()))
-    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
-    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+        results[name] = (value.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    ref_loss, ref_grads = results.pop("plain")
+    assert any("q_proj" in n for n in ref_grads) and ("model.embed_tokens.weight" in ref_grads) != frozen_head
+    for name, (value, grads) in results.items():
+        assert value == pytest.approx(ref_loss, rel=1e-6), name
+        assert grads.keys() == ref_grads.keys(), name
+        for n, g in grads.items():
+            assert torch.allclose(g, ref_grads[n], atol=1e-6, rtol=1e-4), (name, n)
 
 
 def test_the_hybrids_checkpoints_are_tied_to_the_qlora_adapter_it_starts_from(tmp_path):

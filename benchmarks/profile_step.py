@@ -1,0 +1,124 @@
+"""Where a training step's time goes: one method, one variant, a few levers, on the GPU.
+
+    python benchmarks/profile_step.py --method lora_wide --variant project --liger --compile --profile
+
+Prints the median step time, tokens/s, peak memory and (with --profile) the GPU's busy time per step
+next to the wall time, and the kernels that take the most time. A diagnostic for benchmarks/speed.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import bench_params, build_base, build_baseline, make_batches, make_optimizer  # noqa: E402
+
+from ftstudy.arch import GEMMA3_1B  # noqa: E402
+from ftstudy.loss import completion_loss  # noqa: E402
+
+
+def build(method: str, variant: str, liger: bool, compiled: bool, ckpt: bool, base_dir: Path):
+    """One variant of benchmarks/speed.py, with the project's levers switched one by one."""
+    import dataclasses
+
+    from ftstudy.training import method_spec, optimizer_kwargs, prepare_model
+
+    params = bench_params(method, variant, True)
+    params = dataclasses.replace(params, train=dataclasses.replace(
+        params.train, kernels="on" if liger else "off", compile="on" if compiled else "off"))
+    spec = method_spec(params, method)
+    if variant == "baseline":
+        model, okw = build_baseline(spec, base_dir, True), {"optim": spec.optimizer}
+    else:
+        model, _ = prepare_model(spec, params, base_dir, base_dir.parent)
+        if not spec.quantize_4bit:
+            model.to("cuda")
+        okw = optimizer_kwargs(spec)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    with tempfile.TemporaryDirectory() as td:
+        return model, make_optimizer(model, okw, spec.learning_rate, True, Path(td))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--method", default="lora_wide")
+    p.add_argument("--variant", default="project", choices=["baseline", "project"])
+    p.add_argument("--ckpt", default="on", choices=["on", "off"])
+    p.add_argument("--liger", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512)
+    a = p.parse_args()
+    batches = make_batches(a.warmup + a.steps, a.batch, a.seq_len, GEMMA3_1B["vocab_size"], 0.5)
+    base_dir = Path(tempfile.mkdtemp()) / "base"
+    build_base(GEMMA3_1B, base_dir, True)
+    model, opt = build(a.method, a.variant, a.liger, a.compile, a.ckpt == "on", base_dir)
+    times, losses = [], []
+    t_compile = time.perf_counter()
+    for step, b in enumerate(batches):
+        if step == a.warmup:
+            torch.cuda.reset_peak_memory_stats()
+        b = {k: v.cuda() for k, v in b.items()}
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = (model(**b).loss if a.variant == "baseline"
+                    else completion_loss(model, b["input_ids"], b["attention_mask"], b["labels"]))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if step == 0:
+            first = time.perf_counter() - t_compile
+        if step >= a.warmup:
+            times.append(time.perf_counter() - t0)
+        losses.append(round(float(loss.detach()), 5))
+    med = statistics.median(times)
+    rec = {"method": a.method, "variant": a.variant, "ckpt": a.ckpt, "liger": a.liger, "compile": a.compile,
+           "step_s": round(med, 4), "tokens_per_s": round(a.batch * a.seq_len / med), "first_step_s": round(first, 1),
+           "peak_alloc_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+           "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2), "losses": losses}
+    print("RESULT " + json.dumps(rec), flush=True)
+    if not a.profile:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    b = {k: v.cuda() for k, v in batches[-1].items()}
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            t0 = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = (model(**b).loss if a.variant == "baseline"
+                        else completion_loss(model, b["input_ids"], b["attention_mask"], b["labels"]))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events)
+    cpu_us = sum(e.self_cpu_time_total for e in events)
+    print(f"PROFILE gpu_busy_per_step_ms={gpu_us / 2000:.1f} cpu_self_per_step_ms={cpu_us / 2000:.1f} "
+          f"wall_step_ms={med * 1000:.1f}")
+    rows = sorted((e for e in events if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
+    for e in rows[:18]:
+        print(f"  {e.self_device_time_total / 2000:8.2f} ms  x{e.count // 2:5d}  {e.key[:90]}")
+    top_cpu = sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]
+    for e in top_cpu:
+        print(f"  cpu {e.self_cpu_time_total / 2000:8.2f} ms  x{e.count // 2:5d}  {e.key[:80]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""One training stage on several processes (GPUs, or CPU processes on gloo), launched by torchrun.
+
+A stage whose params ask for ``train.num_processes > 1`` runs itself again under ``torch.distributed.run``;
+each worker then goes through the same ``training.train`` as a single process, and transformers' Trainer
+(through accelerate) does the data parallelism: DDP by default, FSDP with ``train.strategy=fsdp``. Nothing
+here synchronises gradients or shards weights itself.
+
+``train.batch_size`` stays the effective batch: with N processes each takes batch_size / N rows per step,
+so the optimizer sees the same batch, and the same loss curve, on 1 or N devices.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+
+import torch
+
+from ftstudy.errors import UserError
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def needs_launch(num_processes: int) -> bool:
+    """True in the stage's own process when params ask for several workers (false inside a worker)."""
+    return num_processes > 1 and "LOCAL_RANK" not in os.environ
+
+
+def check(spec, t, cuda: bool, gpus: int | None = None) -> None:
+    """Refuse, before anything is loaded, the combinations that cannot run distributed, naming the fix."""
+    n = t.num_processes
+    if n == 1:
+        return
+    if t.batch_size % n:
+        raise UserError(f"train.batch_size={t.batch_size} is the effective batch and must split evenly over "
+                        f"train.num_processes={n}; use a multiple of {n}")
+    if spec.optimizer.endswith("_layerwise"):
+        fix = spec.optimizer.removesuffix("_layerwise")
+        raise UserError(
+            f"train_{spec.name}.optimizer={spec.optimizer} steps each weight inside its backward hook, which data "
+            f"parallelism cannot synchronise (transformers: layer-wise GaLore does not support DDP); with "
+            f"train.num_processes={n} use optimizer={fix} (the same GaLore update, after the gradient all-reduce)"
+        )
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    if cuda and n > gpus:
+        raise UserError(f"train.num_processes={n} but {gpus} GPU(s) are visible; lower it or expose more GPUs")
+    if t.strategy == "fsdp":
+        if not cuda:
+            raise UserError("train.strategy=fsdp needs CUDA GPUs; on CPU use strategy=ddp (gloo)")
+        if spec.quantize_4bit:
+            raise UserError(f"train.strategy=fsdp does not shard {spec.name}'s 4-bit NF4 base here; use strategy=ddp")
+        if spec.galore is not None:
+            raise UserError(
+                f"train.strategy=fsdp shards every gradient, while GaLore ({spec.optimizer}) projects each weight's "
+                f"whole gradient; use strategy=ddp with {spec.optimizer}, or train_{spec.name}.optimizer=adamw_torch "
+                f"for full-parameter training under FSDP"
+            )
+
+
+def launch(script: str, args: list[str], num_processes: int) -> int:
+    """Run ``script args`` on ``num_processes`` local workers through torchrun; return its exit status."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}",
+           script, *args]
+    print("launching: " + " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
+
+
+def init(cuda: bool) -> None:
+    """Join the workers' process group (the Trainer reuses it), one GPU per worker."""
+    if world_size() == 1 or torch.distributed.is_initialized():
+        return
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+@contextmanager
+def main_first():
+    """The main worker runs the block first (e.g. clearing stale checkpoints); the others follow."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def gather(obj) -> list:
+    """``obj`` from every worker, in rank order (just [obj] in a single process)."""
+    if not torch.distributed.is_initialized():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def trainer_kwargs(t, layer_cls: str) -> dict:
+    """TrainingArguments for the strategy; per-device batch = effective batch / processes."""
+    kwargs = {"per_device_train_batch_size": t.batch_size // t.num_processes}
+    if t.num_processes > 1:
+        kwargs["ddp_find_unused_parameters"] = False
+        if t.strategy == "fsdp":
+            kwargs["fsdp"] = "full_shard auto_wrap"
+            kwargs["fsdp_config"] = {"transformer_layer_cls_to_wrap": [layer_cls], "use_orig_params": True}
+    return kwargs
