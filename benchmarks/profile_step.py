@@ -9,6 +9,7 @@ next to the wall time, and the kernels that take the most time. A diagnostic for
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -19,34 +20,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import bench_params, build_base, build_baseline, make_batches, make_optimizer  # noqa: E402
+from speed import bench_params, build_base, build_variant, make_batches, train_step  # noqa: E402
 
 from ftstudy.arch import GEMMA3_1B  # noqa: E402
-from ftstudy.loss import completion_loss  # noqa: E402
 
 
-def build(method: str, variant: str, liger: bool, compiled: bool, ckpt: bool, base_dir: Path):
+def build(method: str, variant: str, liger: bool, compiled: bool, base_dir: Path):
     """One variant of benchmarks/speed.py, with the project's levers switched one by one."""
-    import dataclasses
-
-    from ftstudy.training import method_spec, optimizer_kwargs, prepare_model
-
     params = bench_params(method, variant, True)
     params = dataclasses.replace(params, train=dataclasses.replace(
         params.train, kernels="on" if liger else "off", compile="on" if compiled else "off"))
-    spec = method_spec(params, method)
-    if variant == "baseline":
-        model, okw = build_baseline(spec, base_dir, True), {"optim": spec.optimizer}
-    else:
-        model, _ = prepare_model(spec, params, base_dir, base_dir.parent)
-        if not spec.quantize_4bit:
-            model.to("cuda")
-        okw = optimizer_kwargs(spec)
-    if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    with tempfile.TemporaryDirectory() as td:
-        return model, make_optimizer(model, okw, spec.learning_rate, True, Path(td))
+    model, opt, _, _ = build_variant(method, variant, base_dir, True, params)
+    return model, opt
 
 
 def main() -> None:
@@ -65,7 +50,9 @@ def main() -> None:
     batches = make_batches(a.warmup + a.steps, a.batch, a.seq_len, GEMMA3_1B["vocab_size"], 0.5)
     base_dir = Path(tempfile.mkdtemp()) / "base"
     build_base(GEMMA3_1B, base_dir, True)
-    model, opt = build(a.method, a.variant, a.liger, a.compile, a.ckpt == "on", base_dir)
+    model, opt = build(a.method, a.variant, a.liger, a.compile, base_dir)
+    if a.ckpt == "off":
+        model.gradient_checkpointing_disable()
     times, losses = [], []
     t_compile = time.perf_counter()
     for step, b in enumerate(batches):
@@ -74,12 +61,7 @@ def main() -> None:
         b = {k: v.cuda() for k, v in b.items()}
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = (model(**b).loss if a.variant == "baseline"
-                    else completion_loss(model, b["input_ids"], b["attention_mask"], b["labels"]))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = train_step(model, opt, b, a.variant, True)
         torch.cuda.synchronize()
         if step == 0:
             first = time.perf_counter() - t_compile
@@ -99,13 +81,7 @@ def main() -> None:
     b = {k: v.cuda() for k, v in batches[-1].items()}
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(2):
-            t0 = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = (model(**b).loss if a.variant == "baseline"
-                        else completion_loss(model, b["input_ids"], b["attention_mask"], b["labels"]))
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            train_step(model, opt, b, a.variant, True)
             torch.cuda.synchronize()
     events = prof.key_averages()
     gpu_us = sum(e.self_device_time_total for e in events)

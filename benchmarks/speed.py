@@ -105,33 +105,48 @@ def make_optimizer(model, optim_kwargs: dict, lr: float, cuda: bool, workdir: Pa
     return Trainer(model=model, args=args).create_optimizer()
 
 
-def run_worker(method: str, variant: str, base_dir: Path, batches: list[dict], warmup: int) -> dict:
-    from ftstudy.loss import completion_loss
-    from ftstudy.training import galore_target_patterns, method_spec, optimizer_kwargs, prepare_model
+def build_variant(method: str, variant: str, base_dir: Path, cuda: bool, params: Params | None = None):
+    """Model, optimizer, applied levers and optimizer name of one variant, checkpointing on as in both."""
+    from ftstudy.training import method_spec, optimizer_kwargs, prepare_model
 
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    params = bench_params(method, variant, cuda)
+    params = params or bench_params(method, variant, cuda)
     spec = method_spec(params, method)
     torch.manual_seed(1)  # LoRA's A matrices: the same draw in both variants
     if variant == "baseline":
-        model = build_baseline(spec, base_dir, cuda)
-        levers: list[str] = []
-        okw = {"optim": spec.optimizer}
-        if spec.galore is not None:
-            g = spec.galore
-            okw.update(optim_target_modules=galore_target_patterns(g.target_modules),
-                       optim_args=f"rank={g.rank},update_proj_gap={g.update_proj_gap},scale={g.scale}")
+        model, levers = build_baseline(spec, base_dir, cuda), []
+        okw = {**optimizer_kwargs(spec), "optim": spec.optimizer}  # GaLore's targets alike; no fused AdamW
     else:
         model, levers = prepare_model(spec, params, base_dir, base_dir.parent)
         if not spec.quantize_4bit:
-            model.to(device)
+            model.to("cuda" if cuda else "cpu")
         okw = optimizer_kwargs(spec)
     # What Trainer(gradient_checkpointing=True) does, for both variants.
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     with tempfile.TemporaryDirectory() as td:
         opt = make_optimizer(model, okw, spec.learning_rate, cuda, Path(td))
+    return model, opt, levers, okw["optim"]
+
+
+def train_step(model, opt, batch: dict, variant: str, cuda: bool) -> torch.Tensor:
+    """One optimizer step under bf16 autocast (as Trainer(bf16=True)); the loss is the variant's."""
+    from ftstudy.loss import completion_loss
+
+    with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
+        if variant == "baseline":
+            loss = model(**batch).loss
+        else:
+            loss = completion_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def run_worker(method: str, variant: str, base_dir: Path, batches: list[dict], warmup: int) -> dict:
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    model, opt, levers, optim = build_variant(method, variant, base_dir, cuda)
     times, losses = [], []
     if cuda:
         torch.cuda.synchronize()
@@ -144,14 +159,7 @@ def run_worker(method: str, variant: str, base_dir: Path, batches: list[dict], w
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
-            if variant == "baseline":
-                loss = model(**b).loss
-            else:
-                loss = completion_loss(model, b["input_ids"], b["attention_mask"], b["labels"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = train_step(model, opt, b, variant, cuda)
         if cuda:
             torch.cuda.synchronize()
         if step == 0:
@@ -160,7 +168,7 @@ def run_worker(method: str, variant: str, base_dir: Path, batches: list[dict], w
             times.append(time.perf_counter() - t0)
         losses.append(round(float(loss.detach()), 5))
     rec = {"tokens_per_s": round(batches[0]["input_ids"].numel() / statistics.median(times), 1),
-           "loss": losses[-1], "losses": losses, "optimizer": okw["optim"], "levers": levers,
+           "loss": losses[-1], "losses": losses, "optimizer": optim, "levers": levers,
            "first_step_s": round(first, 2)}
     if cuda:
         rec["peak_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)

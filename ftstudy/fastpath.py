@@ -21,8 +21,6 @@ from ftstudy.errors import UserError
 from ftstudy.loss import causal_lm
 
 
-
-
 def liger_installed() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 

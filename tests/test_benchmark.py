@@ -19,3 +19,15 @@ def test_tiny_benchmark_losses_agree_with_the_baseline(tmp_path):
         # Same weights, batches and optimizer: the loss after every step agrees to fp32 rounding.
         assert r["losses"] == pytest.approx(r["baseline_losses"], rel=1e-4)
         assert r["tokens_per_s"] > 0 and r["baseline_tokens_per_s"] > 0
+
+
+def test_tiny_generation_benchmark_runs_the_evaluate_path(tmp_path):
+    gspec = importlib.util.spec_from_file_location("generation_bench",
+                                                   Path(__file__).parents[1] / "benchmarks/generation.py")
+    gen = importlib.util.module_from_spec(gspec)
+    gspec.loader.exec_module(gen)
+    out = tmp_path / "gen.json"
+    records = gen.main(["--arch", "tiny", "--prompts", "12", "--max-new-tokens", "4", "--batch-size", "5",
+                        "--out", str(out)])
+    assert out.exists() and records[0]["prompts"] == 12
+    assert records[0]["generated_tokens"] > 0 and records[0]["extrapolated_study_minutes"] > 0

@@ -9,14 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_training import _records
 
 from ftstudy import distributed
 from ftstudy.atomic import write_jsonl
 from ftstudy.errors import UserError
 from ftstudy.params import GaloreParams, Params, TrainParams
 from ftstudy.training import method_spec
-
-from test_training import _records
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
