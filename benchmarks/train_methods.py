@@ -44,6 +44,14 @@ def build_base(arch: str, out: Path) -> None:
     write_json(out / "fetch_info.json", {"source": f"random-{arch}"})
 
 
+def write_train_data(path: Path, per_source: int = 400) -> None:
+    """The project's generated instruction rows, all three sources, as the training stages read them."""
+    recs = []
+    for source, splits in synthetic.RAW_SPLITS.items():
+        recs += list(convert_rows(source, synthetic.generate(source, splits[0], per_source, 0), 10**6, "last_turn"))
+    write_jsonl(path, recs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=["gemma-3-1b", "tiny"], default="gemma-3-1b")
@@ -57,10 +65,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="train_methods_"))
     build_base(args.arch, work / "models" / "base")
-    recs = []
-    for source, splits in synthetic.RAW_SPLITS.items():
-        recs += list(convert_rows(source, synthetic.generate(source, splits[0], 400, 0), 10**6, "last_turn"))
-    write_jsonl(work / "train.jsonl", recs)
+    write_train_data(work / "train.jsonl")
 
     p = Params()
     galore_opt = "galore_adamw_8bit_layerwise" if cuda else "galore_adamw_layerwise"
