@@ -189,3 +189,24 @@ def test_a_bad_param_fails_first_with_a_clear_message(micro_repo):
     assert "data.sources: unknown ['dolly']" in proc.stderr
     assert "evaluate.max_new_tokenz: unknown key" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_num_processes_makes_dvc_launch_a_training_stage_on_several_workers(micro_repo):
+    """`-S train.num_processes=2`: the stage relaunches itself under torchrun; two gloo workers, same effective batch."""
+    repo, env, _ = micro_repo
+    good = (repo / "params.yaml").read_text()
+    single = json.loads((repo / "metrics/train/lora_wide.json").read_text())
+    params = yaml.safe_load(good)
+    params["train"]["num_processes"] = 2
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        out = _run(["dvc", "repro", "train_lora_wide"], repo, {**env, "OMP_NUM_THREADS": "1"}).stdout
+    finally:
+        (repo / "params.yaml").write_text(good)
+    assert "train_lora_wide" in _ran(out) and "torch.distributed.run" in out and "--nproc_per_node=2" in out
+    multi = json.loads((repo / "metrics/train/lora_wide.json").read_text())
+    assert (multi["num_processes"], multi["strategy"], len(multi["per_device"])) == (2, "ddp", 2)
+    assert multi["effective_batch"] == single["effective_batch"] == params["train"]["batch_size"]
+    assert multi["per_device_batch"] == params["train"]["batch_size"] // 2
+    # LoRA dropout draws differ per worker, so only close here; tests/test_distributed.py checks exact curves.
+    assert multi["final_train_loss"] == pytest.approx(single["final_train_loss"], rel=0.05)
