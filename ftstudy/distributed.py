@@ -113,11 +113,20 @@ def gather(obj) -> list:
 
 
 def trainer_kwargs(t, layer_cls: str) -> dict:
-    """TrainingArguments for the strategy; per-device batch = effective batch / processes."""
-    kwargs = {"per_device_train_batch_size": t.batch_size // t.num_processes}
+    """TrainingArguments for the strategy; per-device batch = effective batch / processes.
+
+    Under FSDP (version 2: per-parameter sharding, each decoder layer its own unit) checkpointing is FSDP's own,
+    as transformers advises: the Trainer's would all-gather every layer's weights once more in the backward.
+    """
+    fsdp = t.num_processes > 1 and t.strategy == "fsdp"
+    kwargs = {"per_device_train_batch_size": t.batch_size // t.num_processes,
+              "gradient_checkpointing": t.gradient_checkpointing and not fsdp}
+    if kwargs["gradient_checkpointing"]:
+        kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     if t.num_processes > 1:
         kwargs["ddp_find_unused_parameters"] = False
-        if t.strategy == "fsdp":
-            kwargs["fsdp"] = "full_shard auto_wrap"
-            kwargs["fsdp_config"] = {"transformer_layer_cls_to_wrap": [layer_cls], "use_orig_params": True}
+    if fsdp:
+        kwargs["fsdp"] = "full_shard auto_wrap"
+        kwargs["fsdp_config"] = {"version": 2, "transformer_layer_cls_to_wrap": [layer_cls],
+                                 "activation_checkpointing": t.gradient_checkpointing}
     return kwargs

@@ -371,8 +371,6 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
         gradient_accumulation_steps=t.grad_accum, learning_rate=spec.learning_rate, warmup_steps=t.warmup_steps,
         lr_scheduler_type=t.lr_scheduler, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         logging_steps=1, save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         bf16=cuda, use_cpu=not cuda, seed=params.seed, data_seed=params.seed, report_to="none",
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not t.progress_bar,
         **optimizer_kwargs(spec),
