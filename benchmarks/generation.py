@@ -44,6 +44,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--max-prompt-tokens", type=int, default=768)
     parser.add_argument("--batch-size", type=int, nargs="+", default=[512])
+    parser.add_argument("--batch-tokens", type=int, default=0, help="evaluate.batch_tokens (0 = no cap)")
     parser.add_argument("--cache", nargs="+", default=["dynamic"], choices=["dynamic", "static"])
     parser.add_argument("--profile", action="store_true", help="print the kernels of one short batch")
     parser.add_argument("--out", type=Path)
@@ -68,10 +69,12 @@ def main(argv=None) -> list[dict]:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         _, stats = generate(model, tokenizer, recs, max_new_tokens=args.max_new_tokens, batch_size=bs,
-                            max_prompt_tokens=args.max_prompt_tokens, progress=False, static_cache=cache == "static")
+                            max_prompt_tokens=args.max_prompt_tokens, progress=False, static_cache=cache == "static",
+                            batch_tokens=args.batch_tokens)
         seconds = time.perf_counter() - start
         rec = {"arch": args.arch, "device": torch.cuda.get_device_name() if cuda else "cpu", "prompts": len(recs),
-               "batch_size": bs, "cache": cache, "max_new_tokens": args.max_new_tokens, "seconds": round(seconds, 2),
+               "batch_size": bs, "batch_tokens": args.batch_tokens, "cache": cache,
+               "max_new_tokens": args.max_new_tokens, "seconds": round(seconds, 2),
                "generated_tokens": stats["generated_tokens"],
                "generated_tokens_per_s": round(stats["generated_tokens"] / seconds, 1),
                "prompts_per_s": round(len(recs) / seconds, 2),

@@ -120,9 +120,11 @@ def labelled_ce(lm, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return total
 
 
-def _completion_forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **_unused):
+def _completion_forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None,
+                        position_ids=None, **_unused):
     """Stands in for the *ForCausalLM's forward during one completion_loss call (see there)."""
-    hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     loss = labelled_ce(self, hidden[:, :-1][keep], targets[keep])
@@ -130,12 +132,13 @@ def _completion_forward(self, input_ids=None, attention_mask=None, labels=None, 
     return {"loss": loss / denom}
 
 
-def completion_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                    num_items: int | torch.Tensor | None = None) -> torch.Tensor:
+def completion_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+                    num_items: int | torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy over positions whose label is not IGNORE_INDEX.
 
     Returns the mean over those tokens, or their sum divided by ``num_items`` when given (the token
-    count of the whole accumulated batch, so gradient accumulation weighs every token equally).
+    count of the whole accumulated batch, so gradient accumulation weighs every token equally). A packed batch
+    (see training.Collator) comes with ``position_ids`` and no attention mask.
 
     The call goes through ``model`` itself, whatever wraps the causal LM (PEFT, DDP, FSDP): DDP synchronises
     gradients and FSDP gathers weights only for a forward that passes through them. For that one call the
@@ -144,7 +147,8 @@ def completion_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     lm = causal_lm(model)
     lm.forward = MethodType(_completion_forward, lm)
     try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, num_items_in_batch=num_items)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, num_items_in_batch=num_items,
+                    position_ids=position_ids)
     finally:
         del lm.forward  # the class's forward again
     return out["loss"]

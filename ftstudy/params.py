@@ -98,6 +98,7 @@ class TrainParams:
     max_grad_norm: float = _spec(1.0, gt=0)
     save_steps: int = _spec(5, ge=1, doc="checkpoint interval; an interrupted run resumes from the last one")
     gradient_checkpointing: bool = _spec(False)
+    packing: bool = _spec(True, doc="padding-free batches: rows concatenated, attention kept within each row")
     kernels: str = _spec("auto", choices=FASTPATH_SETTINGS, doc="Liger's Triton kernels; auto = on with CUDA")
     compile: str = _spec("auto", choices=FASTPATH_SETTINGS, doc="torch.compile each decoder layer; auto = on with CUDA")
     num_processes: int = _spec(1, ge=1, le=64, doc="workers (GPUs) per training stage; >1 launches it through torchrun")

@@ -123,13 +123,30 @@ def compute_dtype() -> torch.dtype:
 
 
 class Collator:
-    """Right-pads a batch; padding gets IGNORE_INDEX labels and a zero attention mask. Counts real tokens."""
+    """Batches tokenized examples and counts their (non-padding) tokens.
 
-    def __init__(self, pad_id: int):
+    Padded (``pack=False``): rows right-padded to the longest, padding with IGNORE_INDEX labels and a zero
+    attention mask. Packed: the rows concatenated into one sequence with positions restarting at each row and
+    no attention mask, from which transformers builds a block-diagonal causal mask, so no row attends to another;
+    each row's first label is IGNORE_INDEX, so no row predicts the next one's first token. Same rows, same loss
+    (tested), no compute spent on padding.
+    """
+
+    def __init__(self, pad_id: int, pack: bool = False):
         self.pad_id = pad_id
+        self.pack = pack
         self.tokens_seen = 0
 
     def __call__(self, examples: list[dict]) -> dict:
+        if self.pack:
+            labels = []
+            for e in examples:
+                labels += [IGNORE_INDEX, *e["labels"][1:]]
+            batch = {"input_ids": torch.tensor([[t for e in examples for t in e["input_ids"]]]),
+                     "labels": torch.tensor([labels]),
+                     "position_ids": torch.cat([torch.arange(len(e["input_ids"])) for e in examples])[None]}
+            self.tokens_seen += batch["input_ids"].shape[1]
+            return batch
         width = max(len(e["input_ids"]) for e in examples)
         ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -291,8 +308,8 @@ def completion_trainer_class():
         loss_is_scaled_for_ga = True  # the loss is normalised by the accumulated batch's token count
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = completion_loss(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"],
-                                   num_items_in_batch)
+            loss = completion_loss(model, inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"],
+                                   num_items_in_batch, position_ids=inputs.get("position_ids"))
             if num_items_in_batch is not None and self.args.average_tokens_across_devices:
                 # num_items_in_batch counts every worker's tokens and DDP averages gradients over workers:
                 # scale back up, as Trainer.compute_loss does, so N workers learn what one would.
@@ -375,7 +392,7 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not t.progress_bar,
         **optimizer_kwargs(spec),
     )
-    collator = Collator(tokenizer.pad_token_id)
+    collator = Collator(tokenizer.pad_token_id, pack=t.packing)
     trainer = completion_trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator,
                       callbacks=[] if live_dir is None else [_curve_callback(Path(live_dir), resume=last is not None)])
     if cuda:

@@ -68,11 +68,56 @@ def test_completion_loss_equals_the_standard_full_logits_loss(tiny_model, tiny_t
     assert ours.item() == pytest.approx(standard.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_packed_batches_learn_exactly_what_padded_batches_do(tiny_model_dir, tiny_tokenizer, method):
+    """Padding-free packing: the same loss and gradients as the padded batch, rows never attending to each other."""
+    from peft import LoraConfig, get_peft_model
+
+    from ftstudy.models import load_model
+
+    examples = [tokenize_example(tiny_tokenizer, r, 96, 64) for r in _records(5)]
+    assert len({len(e["input_ids"]) for e in examples}) > 1  # different lengths: the padded batch has padding
+    results = []
+    for pack in (False, True):
+        batch = Collator(tiny_tokenizer.pad_token_id, pack=pack)(examples)
+        model = load_model(tiny_model_dir).train()
+        if method == "lora":
+            torch.manual_seed(0)
+            model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                     init_lora_weights=False))
+        loss = completion_loss(model, batch["input_ids"], batch.get("attention_mask"), batch["labels"],
+                               position_ids=batch.get("position_ids"))
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (padded, g_padded), (packed, g_packed) = results
+    assert packed == pytest.approx(padded, rel=1e-5)
+    assert g_packed.keys() == g_padded.keys()
+    for name, g in g_padded.items():
+        assert torch.allclose(g_packed[name], g, atol=1e-6, rtol=1e-4), name
+    # Without the restarting positions (one long sequence) the rows would see each other: the loss changes.
+    batch = Collator(tiny_tokenizer.pad_token_id, pack=True)(examples)
+    model = load_model(tiny_model_dir)
+    leaky = completion_loss(model, batch["input_ids"], None, batch["labels"])
+    assert abs(leaky.item() - padded) > 100 * abs(packed - padded) + 1e-5
+
+
 def test_8bit_optimizer_without_cuda_is_a_clear_error():
     p = Params(train_galore=GaloreParams(optimizer="galore_adamw_8bit_layerwise"))
     with pytest.raises(UserError, match="needs CUDA.*galore_adamw_layerwise"):
         check_hardware(method_spec(p, "galore"), cuda=False)
     check_hardware(method_spec(Params(), "galore"), cuda=False)  # the CPU variant is fine
+
+
+def test_gpu_kernels_forced_on_without_cuda_is_a_clear_error(monkeypatch):
+    from ftstudy import fastpath
+
+    with pytest.raises(UserError, match="kernels=on needs CUDA.*auto or off"):
+        fastpath.check("on", cuda=False)
+    monkeypatch.setattr(fastpath, "liger_installed", lambda: False)
+    with pytest.raises(UserError, match="needs liger-kernel.*pip install liger-kernel"):
+        fastpath.check("on", cuda=True)
+    fastpath.check("auto", cuda=False)  # auto: on only where it can run
+    assert fastpath.speed_up(None, kernels="auto", compile="auto", cuda=False) == ["fused_linear_cross_entropy"]
 
 
 def _tiny_params(tiny_model_dir, **sections) -> Params:
