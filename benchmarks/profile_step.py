@@ -27,7 +27,7 @@ from ftstudy.arch import GEMMA3_1B  # noqa: E402
 
 def build(method: str, variant: str, liger: bool, compiled: bool, base_dir: Path):
     """One variant of benchmarks/speed.py, with the project's levers switched one by one."""
-    params = bench_params(method, variant, True)
+    params = bench_params(variant, True)
     params = dataclasses.replace(params, train=dataclasses.replace(
         params.train, kernels="on" if liger else "off", compile="on" if compiled else "off"))
     model, opt, _, _ = build_variant(method, variant, base_dir, True, params)

@@ -60,7 +60,7 @@ def make_batches(n: int, batch: int, seq_len: int, vocab: int, prompt_frac: floa
     return out
 
 
-def bench_params(method: str, variant: str, cuda: bool) -> Params:
+def bench_params(variant: str, cuda: bool) -> Params:
     p = Params(profile="benchmark")
     galore = (PROJECT_GALORE if variant == "project" else BASELINE_GALORE)[cuda]
     return dataclasses.replace(
@@ -109,7 +109,7 @@ def build_variant(method: str, variant: str, base_dir: Path, cuda: bool, params:
     """Model, optimizer, applied levers and optimizer name of one variant, checkpointing on as in both."""
     from ftstudy.training import method_spec, optimizer_kwargs, prepare_model
 
-    params = params or bench_params(method, variant, cuda)
+    params = params or bench_params(variant, cuda)
     spec = method_spec(params, method)
     torch.manual_seed(1)  # LoRA's A matrices: the same draw in both variants
     if variant == "baseline":

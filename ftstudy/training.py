@@ -383,14 +383,14 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     model, levers = prepare_model(spec, params, base_dir, models_dir)
     trainable, total = count_parameters(model)
     layer_cls = type(causal_lm(model).model.layers[0]).__name__
+    optim_kwargs = optimizer_kwargs(spec)
     args = TrainingArguments(
         output_dir=str(ckpt_dir), max_steps=spec.max_steps, **distributed.trainer_kwargs(t, layer_cls),
         gradient_accumulation_steps=t.grad_accum, learning_rate=spec.learning_rate, warmup_steps=t.warmup_steps,
         lr_scheduler_type=t.lr_scheduler, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         logging_steps=1, save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
         bf16=cuda, use_cpu=not cuda, seed=params.seed, data_seed=params.seed, report_to="none",
-        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not t.progress_bar,
-        **optimizer_kwargs(spec),
+        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not t.progress_bar, **optim_kwargs,
     )
     collator = Collator(tokenizer.pad_token_id, pack=t.packing)
     trainer = completion_trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator,
@@ -410,6 +410,7 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     if not main:
         distributed.barrier()  # the main worker saves; wait for it, then leave
         return None
+    trained_tokens = sum(d["trained_tokens"] for d in devices)
 
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
@@ -420,12 +421,12 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     metrics = {
         "method": spec.name,
         "profile": params.profile,
-        "optimizer": fastpath.optimizer_name(spec.optimizer, cuda),
+        "optimizer": optim_kwargs["optim"],
         "speed_levers": levers,
         "device": device_kind(),
         "train_seconds": round(seconds, 2),
-        "tokens_per_s": round(sum(d["trained_tokens"] for d in devices) / seconds, 2) if seconds else 0.0,
-        "trained_tokens": sum(d["trained_tokens"] for d in devices),
+        "tokens_per_s": round(trained_tokens / seconds, 2) if seconds else 0.0,
+        "trained_tokens": trained_tokens,
         "num_processes": distributed.world_size(),
         "strategy": t.strategy if distributed.world_size() > 1 else "single",
         "per_device_batch": args.per_device_train_batch_size,
@@ -436,7 +437,7 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
         "total_params": total,
         "final_train_loss": round(float(losses[-1]), 6) if losses else math.nan,
         "mean_train_loss": round(float(result.training_loss), 6),
-        **peak_memory(),  # this (the main) worker's; every worker's below, and their sum
+        **{k: v for k, v in devices[0].items() if k.startswith("peak_")},  # the main worker's; all below
         "peak_memory_gb_total": round(sum(d["peak_memory_gb"] for d in devices), 3),
         "per_device": devices,
         "torch": torch.__version__,
