@@ -25,12 +25,17 @@ from speed import bench_params, build_base, build_variant, make_batches, train_s
 from ftstudy.arch import GEMMA3_1B  # noqa: E402
 
 
-def build(method: str, variant: str, liger: bool, compiled: bool, base_dir: Path):
+def build(method: str, variant: str, liger: bool, compiled: bool, base_dir: Path, mode: str | None = None):
     """One variant of benchmarks/speed.py, with the project's levers switched one by one."""
     params = bench_params(variant, True)
     params = dataclasses.replace(params, train=dataclasses.replace(
-        params.train, kernels="on" if liger else "off", compile="on" if compiled else "off"))
+        params.train, kernels="on" if liger else "off", compile="on" if compiled and not mode else "off"))
     model, opt, _, _ = build_variant(method, variant, base_dir, True, params)
+    if mode:  # e.g. reduce-overhead: CUDA graphs, one launch per layer graph instead of one per kernel
+        from ftstudy.loss import causal_lm
+
+        for layer in causal_lm(model).model.layers:
+            layer.compile(mode=mode)
     return model, opt
 
 
@@ -41,6 +46,7 @@ def main() -> None:
     p.add_argument("--ckpt", default="on", choices=["on", "off"])
     p.add_argument("--liger", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--mode", help="torch.compile mode for the layers (implies --compile)")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=3)
@@ -50,7 +56,7 @@ def main() -> None:
     batches = make_batches(a.warmup + a.steps, a.batch, a.seq_len, GEMMA3_1B["vocab_size"], 0.5)
     base_dir = Path(tempfile.mkdtemp()) / "base"
     build_base(GEMMA3_1B, base_dir, True)
-    model, opt = build(a.method, a.variant, a.liger, a.compile, base_dir)
+    model, opt = build(a.method, a.variant, a.liger, a.compile, base_dir, a.mode)
     if a.ckpt == "off":
         model.gradient_checkpointing_disable()
     times, losses = [], []
@@ -61,6 +67,8 @@ def main() -> None:
         b = {k: v.cuda() for k, v in b.items()}
         torch.cuda.synchronize()
         t0 = time.perf_counter()
+        if a.mode:
+            torch.compiler.cudagraph_mark_step_begin()
         loss = train_step(model, opt, b, a.variant, True)
         torch.cuda.synchronize()
         if step == 0:
@@ -70,6 +78,7 @@ def main() -> None:
         losses.append(round(float(loss.detach()), 5))
     med = statistics.median(times)
     rec = {"method": a.method, "variant": a.variant, "ckpt": a.ckpt, "liger": a.liger, "compile": a.compile,
+           "mode": a.mode, "batch": a.batch,
            "step_s": round(med, 4), "tokens_per_s": round(a.batch * a.seq_len / med), "first_step_s": round(first, 1),
            "peak_alloc_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
            "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2), "losses": losses}

@@ -60,11 +60,12 @@ def make_batches(n: int, batch: int, seq_len: int, vocab: int, prompt_frac: floa
     return out
 
 
-def bench_params(variant: str, cuda: bool) -> Params:
+def bench_params(variant: str, cuda: bool, keep_activations: int = 0) -> Params:
     p = Params(profile="benchmark")
     galore = (PROJECT_GALORE if variant == "project" else BASELINE_GALORE)[cuda]
     return dataclasses.replace(
-        p, train=dataclasses.replace(p.train, gradient_checkpointing=True, weight_decay=0.0),
+        p, train=dataclasses.replace(p.train, gradient_checkpointing=True, weight_decay=0.0,
+                                     keep_activations=keep_activations if variant == "project" else 0),
         train_qlora=dataclasses.replace(p.train_qlora, lora_dropout=0.0, learning_rate=1e-4),
         train_lora_wide=dataclasses.replace(p.train_lora_wide, lora_dropout=0.0, learning_rate=1e-4),
         train_galore=dataclasses.replace(p.train_galore, optimizer=galore, learning_rate=1e-5),
@@ -106,8 +107,8 @@ def make_optimizer(model, optim_kwargs: dict, lr: float, cuda: bool, workdir: Pa
 
 
 def build_variant(method: str, variant: str, base_dir: Path, cuda: bool, params: Params | None = None):
-    """Model, optimizer, applied levers and optimizer name of one variant, checkpointing on as in both."""
-    from ftstudy.training import method_spec, optimizer_kwargs, prepare_model
+    """Model, optimizer, applied levers and optimizer name of one variant, checkpointing on in both."""
+    from ftstudy.training import enable_checkpointing, method_spec, optimizer_kwargs, prepare_model
 
     params = params or bench_params(variant, cuda)
     spec = method_spec(params, method)
@@ -115,13 +116,12 @@ def build_variant(method: str, variant: str, base_dir: Path, cuda: bool, params:
     if variant == "baseline":
         model, levers = build_baseline(spec, base_dir, cuda), []
         okw = {**optimizer_kwargs(spec), "optim": spec.optimizer}  # GaLore's targets alike; no fused AdamW
+        enable_checkpointing(model, 0)  # every layer, as Trainer(gradient_checkpointing=True) does
     else:
-        model, levers = prepare_model(spec, params, base_dir, base_dir.parent)
+        model, levers = prepare_model(spec, params, base_dir, base_dir.parent)  # checkpointing as params say
         if not spec.quantize_4bit:
             model.to("cuda" if cuda else "cpu")
         okw = optimizer_kwargs(spec)
-    # What Trainer(gradient_checkpointing=True) does, for both variants.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     with tempfile.TemporaryDirectory() as td:
         opt = make_optimizer(model, okw, spec.learning_rate, cuda, Path(td))
@@ -143,10 +143,12 @@ def train_step(model, opt, batch: dict, variant: str, cuda: bool) -> torch.Tenso
     return loss
 
 
-def run_worker(method: str, variant: str, base_dir: Path, batches: list[dict], warmup: int) -> dict:
+def run_worker(method: str, variant: str, base_dir: Path, batches: list[dict], warmup: int,
+               keep_activations: int = 0) -> dict:
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    model, opt, levers, optim = build_variant(method, variant, base_dir, cuda)
+    model, opt, levers, optim = build_variant(method, variant, base_dir, cuda,
+                                              bench_params(variant, cuda, keep_activations))
     times, losses = [], []
     if cuda:
         torch.cuda.synchronize()
@@ -194,6 +196,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--prompt-frac", type=float, default=0.5)
     parser.add_argument("--steps", type=int, default=8, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed first steps (compilation, GaLore's SVD)")
+    parser.add_argument("--keep-activations", type=int, default=0,
+                        help="the project's train.keep_activations: last N layers not checkpointed")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "VARIANT", "BASE_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -202,15 +206,19 @@ def main(argv=None) -> list[dict]:
     batches = make_batches(args.warmup + args.steps, args.batch, args.seq_len, arch["vocab_size"], args.prompt_frac)
     if args.worker:
         method, variant, base_dir = args.worker
-        print("WORKER " + json.dumps(run_worker(method, variant, Path(base_dir), batches, args.warmup)), flush=True)
+        print("WORKER " + json.dumps(run_worker(method, variant, Path(base_dir), batches, args.warmup,
+                                                args.keep_activations)), flush=True)
         return []
 
     records = []
+    checkpointed = (f"baseline all layers, project all but the last {args.keep_activations}"
+                    if args.keep_activations else "all layers, both")
     with tempfile.TemporaryDirectory() as td:
         base_dir = Path(td) / "base"
         build_base(arch, base_dir, cuda)
         shared = ["--arch", args.arch, "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--prompt-frac",
-                  str(args.prompt_frac), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                  str(args.prompt_frac), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                  "--keep-activations", str(args.keep_activations)]
         for method in args.methods:
             got = {}
             for variant in ("baseline", "project"):
@@ -224,7 +232,7 @@ def main(argv=None) -> list[dict]:
             base, ours = got["baseline"], got["project"]
             rec = {"method": method, "device": torch.cuda.get_device_name() if cuda else "cpu", "arch": args.arch,
                    "batch": args.batch, "seq_len": args.seq_len, "prompt_frac": args.prompt_frac,
-                   "steps": len(batches), "timed_steps": args.steps, "gradient_checkpointing": "all layers, both",
+                   "steps": len(batches), "timed_steps": args.steps, "gradient_checkpointing": checkpointed,
                    "baseline_tokens_per_s": base["tokens_per_s"], "tokens_per_s": ours["tokens_per_s"],
                    "speedup": round(ours["tokens_per_s"] / base["tokens_per_s"], 3),
                    "baseline_loss": base["loss"], "loss": ours["loss"],

@@ -44,11 +44,23 @@ def build_base(arch: str, out: Path) -> None:
     write_json(out / "fetch_info.json", {"source": f"random-{arch}"})
 
 
-def write_train_data(path: Path, per_source: int = 400) -> None:
-    """The project's generated instruction rows, all three sources, as the training stages read them."""
+def write_train_data(path: Path, per_source: int = 400, join: int = 1, rows: int | None = None) -> None:
+    """The project's generated instruction rows, all three sources, as the training stages read them.
+
+    ``join`` > 1 merges that many consecutive rows into one (instructions joined, responses joined): the
+    generated rows are short (~33 tokens here), and throughput is measured on rows as long as real ones.
+    ``rows`` cycles through the result to exactly that many rows.
+    """
     recs = []
     for source, splits in synthetic.RAW_SPLITS.items():
         recs += list(convert_rows(source, synthetic.generate(source, splits[0], per_source, 0), 10**6, "last_turn"))
+    if join > 1:
+        recs = [{**group[0], "id": f"joined-{i}", "input": "", "history": [],
+                 "instruction": " ".join(r["instruction"] + (" " + r["input"] if r["input"] else "") for r in group),
+                 "response": " ".join(r["response"] for r in group)}
+                for i, group in enumerate(recs[j:j + join] for j in range(0, len(recs) - join + 1, join))]
+    if rows is not None:  # exactly ``rows`` rows, cycling through the generated ones
+        recs = [{**recs[i % len(recs)], "id": f"row-{i}"} for i in range(rows)]
     write_jsonl(path, recs)
 
 

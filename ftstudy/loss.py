@@ -91,6 +91,11 @@ class _FusedLinearCE(torch.autograd.Function):
         return gh, gw, None, None
 
 
+def _fsdp_managed(module) -> bool:
+    # FSDP2 re-classes each module it shards as FSDP<Name>, a subclass of FSDPModule and of the module's class.
+    return any(c.__name__ == "FSDPModule" for c in type(module).__mro__)
+
+
 def _fusable(lm) -> bool:
     head = lm.lm_head
     return (type(head) is torch.nn.Linear and head.bias is None
@@ -109,7 +114,9 @@ def labelled_ce(lm, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     chunk = _chunk_rows(weight.shape[0])
     if _fusable(lm):
         return _FusedLinearCE.apply(hidden, weight, targets, chunk)
-    if hidden.shape[0] <= chunk:
+    if hidden.shape[0] <= chunk or _fsdp_managed(lm) or _fsdp_managed(lm.lm_head):
+        # Under FSDP the head's weight is whole only inside its own forward: a chunk recomputed in the backward
+        # would meet the sharded weight. FSDP runs hold the labelled positions' logits at once instead.
         return _head_ce(lm, hidden, targets)
     from torch.utils.checkpoint import checkpoint
 
@@ -145,10 +152,14 @@ def completion_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     causal LM's forward is swapped for one that returns this loss and no logits.
     """
     lm = causal_lm(model)
+    wrapper = lm.__dict__.get("forward")  # an instance-level forward (accelerate's autocast wrapper) comes back after
     lm.forward = MethodType(_completion_forward, lm)
     try:
         out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, num_items_in_batch=num_items,
                     position_ids=position_ids)
     finally:
-        del lm.forward  # the class's forward again
+        if wrapper is None:
+            del lm.forward  # the class's forward again
+        else:
+            lm.forward = wrapper
     return out["loss"]

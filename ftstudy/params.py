@@ -97,9 +97,11 @@ class TrainParams:
     weight_decay: float = _spec(0.0, ge=0)
     max_grad_norm: float = _spec(1.0, gt=0)
     save_steps: int = _spec(5, ge=1, doc="checkpoint interval; an interrupted run resumes from the last one")
-    gradient_checkpointing: bool = _spec(False)
-    packing: bool = _spec(True, doc="padding-free batches: rows concatenated, attention kept within each row")
-    kernels: str = _spec("auto", choices=FASTPATH_SETTINGS, doc="Liger's Triton kernels; auto = on with CUDA")
+    gradient_checkpointing: bool = _spec(False, doc="recompute each decoder layer's activations in the backward")
+    keep_activations: int = _spec(0, ge=0, doc="with gradient_checkpointing: the last N decoder layers keep their "
+                                               "activations (no recompute: faster, more memory)")
+    packing: bool = _spec(True, doc="padding-free batches: examples share rows of max_seq_len, attention kept within each example")
+    kernels: str = _spec("auto", choices=FASTPATH_SETTINGS, doc="Liger's Triton kernels; auto = on with CUDA, uncompiled layers")
     compile: str = _spec("auto", choices=FASTPATH_SETTINGS, doc="torch.compile each decoder layer; auto = on with CUDA")
     num_processes: int = _spec(1, ge=1, le=64, doc="workers (GPUs) per training stage; >1 launches it through torchrun")
     strategy: str = _spec("ddp", choices=STRATEGIES, doc="data parallelism with num_processes > 1: ddp or fsdp")
@@ -282,6 +284,12 @@ def _cross_checks(p: Params, problems: list[str]) -> None:
     if p.rerank.proposer == "base" or p.rerank.scorer == "base" or p.rerank.proposer == p.rerank.scorer:
         problems.append(f"rerank.proposer / rerank.scorer: {p.rerank.proposer!r} / {p.rerank.scorer!r}; allowed: two "
                         f"different trained methods from {', '.join(MODELS[1:])}")
+    if p.train.keep_activations and not p.train.gradient_checkpointing:
+        problems.append(f"train.keep_activations: {p.train.keep_activations} chooses layers exempt from gradient "
+                        f"checkpointing, which is off; allowed: 0, or train.gradient_checkpointing: true")
+    if p.train.keep_activations and p.train.num_processes > 1 and p.train.strategy == "fsdp":
+        problems.append("train.keep_activations: FSDP checkpoints every layer itself; allowed: 0 with "
+                        "train.strategy: fsdp")
     if p.train.max_prompt_tokens >= p.train.max_seq_len:
         problems.append(f"train.max_prompt_tokens: {p.train.max_prompt_tokens} must be < train.max_seq_len "
                         f"({p.train.max_seq_len}) to leave room for the response")

@@ -123,30 +123,60 @@ def compute_dtype() -> torch.dtype:
 
 
 class Collator:
-    """Batches tokenized examples and counts their (non-padding) tokens.
+    """Batches tokenized examples.
 
     Padded (``pack=False``): rows right-padded to the longest, padding with IGNORE_INDEX labels and a zero
-    attention mask. Packed: the rows concatenated into one sequence with positions restarting at each row and
-    no attention mask, from which transformers builds a block-diagonal causal mask, so no row attends to another;
-    each row's first label is IGNORE_INDEX, so no row predicts the next one's first token. Same rows, same loss
-    (tested), no compute spent on padding.
+    attention mask. Packed: the examples laid out first-fit-decreasing into rows of at most ``row_len`` tokens,
+    positions restarting at each example and no attention mask, from which transformers builds a block-diagonal
+    causal mask, so no example attends to another; each example's first label is IGNORE_INDEX, so none predicts
+    the next one's first token. The rest of a row is padding that restarts its positions too (its own block,
+    which no token attends to). Same examples, same loss (tested), little compute spent on padding.
+
+    Rows, not the whole batch as one sequence: SDPA has no variable-length kernel, so a packed sequence gets
+    a dense mask and its attention costs the square of its length: on an H200 a QLoRA step of 64 x 512 tokens as
+    one sequence took 3.3x as long as one of 32 x 512. Rows of ``row_len`` cost what a padded batch's rows do.
+    ``num_tokens`` (the non-padding tokens) rides along for the throughput metrics.
     """
 
-    def __init__(self, pad_id: int, pack: bool = False):
+    def __init__(self, pad_id: int, pack: bool = False, row_len: int | None = None):
         self.pad_id = pad_id
         self.pack = pack
-        self.tokens_seen = 0
+        self.row_len = row_len
+
+    def rows(self, lengths: list[int]) -> list[list[int]]:
+        """Example indices per row, first-fit decreasing into rows of ``row_len`` (one per example if None)."""
+        cap = self.row_len or 0
+        rows: list[list[int]] = []
+        room: list[int] = []
+        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            j = next((j for j, r in enumerate(room) if r >= lengths[i]), None)
+            if j is None:
+                rows.append([i])
+                room.append(cap - lengths[i])
+            else:
+                rows[j].append(i)
+                room[j] -= lengths[i]
+        return rows
 
     def __call__(self, examples: list[dict]) -> dict:
         if self.pack:
-            labels = []
-            for e in examples:
-                labels += [IGNORE_INDEX, *e["labels"][1:]]
-            batch = {"input_ids": torch.tensor([[t for e in examples for t in e["input_ids"]]]),
-                     "labels": torch.tensor([labels]),
-                     "position_ids": torch.cat([torch.arange(len(e["input_ids"])) for e in examples])[None]}
-            self.tokens_seen += batch["input_ids"].shape[1]
-            return batch
+            layout = self.rows([len(e["input_ids"]) for e in examples])
+            width = max(sum(len(examples[i]["input_ids"]) for i in row) for row in layout)
+            ids = torch.full((len(layout), width), self.pad_id, dtype=torch.long)
+            labels = torch.full((len(layout), width), IGNORE_INDEX, dtype=torch.long)
+            positions = torch.zeros((len(layout), width), dtype=torch.long)
+            for r, row in enumerate(layout):
+                at = 0
+                for i in row:
+                    e = examples[i]
+                    n = len(e["input_ids"])
+                    ids[r, at:at + n] = torch.tensor(e["input_ids"])
+                    labels[r, at + 1:at + n] = torch.tensor(e["labels"][1:])
+                    positions[r, at:at + n] = torch.arange(n)
+                    at += n
+                positions[r, at:] = torch.arange(width - at)
+            return {"input_ids": ids, "labels": labels, "position_ids": positions,
+                    "num_tokens": torch.tensor(sum(len(e["input_ids"]) for e in examples))}
         width = max(len(e["input_ids"]) for e in examples)
         ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -156,7 +186,6 @@ class Collator:
             ids[i, :n] = torch.tensor(e["input_ids"])
             labels[i, :n] = torch.tensor(e["labels"])
             mask[i, :n] = 1
-        self.tokens_seen += int(mask.sum())
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
@@ -199,13 +228,37 @@ def attach_adapter(model, spec: MethodSpec, gradient_checkpointing: bool):
     return get_peft_model(model, config)
 
 
+def enable_checkpointing(model, keep_activations: int) -> None:
+    """Recompute each decoder layer's activations in the backward, except in the last ``keep_activations`` layers.
+
+    Set here rather than through TrainingArguments so that layers can be exempted: each kept layer stores its
+    activations (memory) instead of running its forward a second time (time).
+    """
+    lm = causal_lm(model)
+    layers = lm.model.layers
+    if keep_activations > len(layers):
+        raise UserError(f"train.keep_activations={keep_activations} but the model has {len(layers)} decoder layers; "
+                        f"use at most {len(layers)} (or turn train.gradient_checkpointing off)")
+    kwargs = {"use_reentrant": False}  # the non-reentrant checkpoint needs no input gradients and works under DDP
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.20's name
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for layer in layers[len(layers) - keep_activations:]:
+        layer.gradient_checkpointing = False
+
+
 def prepare_model(spec: MethodSpec, params: Params, base_dir: Path, models_dir: Path) -> tuple[object, list[str]]:
     """The model ``spec`` trains, with the speed levers of ftstudy.fastpath that params and the device call for."""
+    t = params.train
     model = load_start_model(spec, base_dir, models_dir)
     model.config.use_cache = False
-    model = attach_adapter(model, spec, params.train.gradient_checkpointing)
-    levers = fastpath.speed_up(model, kernels=params.train.kernels, compile=params.train.compile,
-                               cuda=torch.cuda.is_available())
+    model = attach_adapter(model, spec, t.gradient_checkpointing)
+    if t.gradient_checkpointing and not distributed.uses_fsdp(t):  # FSDP checkpoints with its own wrapper
+        enable_checkpointing(model, t.keep_activations)
+    # Compiled layers under FSDP2 with its checkpointing crashed in cuDNN attention's backward on 2 H200s.
+    compile = "off" if distributed.uses_fsdp(t) and t.compile == "auto" else t.compile
+    levers = fastpath.speed_up(model, kernels=t.kernels, compile=compile, cuda=torch.cuda.is_available())
     return model, levers
 
 
@@ -269,6 +322,40 @@ def _truncate_curves(live_dir: Path, last_step: int) -> None:
         tsv.write_text("\n".join(kept) + "\n")
 
 
+WARM_STEPS = 2  # compilation, and the one recompile for dynamic shapes that packed batches cause
+
+
+def _throughput_callback(tokens_so_far):
+    """Marks (time, tokens so far) at each step's end, for the throughput after the warm-up steps."""
+    from transformers import TrainerCallback
+
+    class Throughput(TrainerCallback):
+        def __init__(self):
+            self.marks = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # the step's kernels are done (the loss logging syncs anyway)
+            self.marks.append((time.perf_counter(), tokens_so_far()))
+
+        def step_seconds(self) -> list[float]:
+            return [round(b[0] - a[0], 3) for a, b in zip(self.marks, self.marks[1:], strict=False)]
+
+        def steady_tokens_per_s(self) -> float | None:
+            """Tokens/s after WARM_STEPS steps; None for a run too short (or resumed too late) to have any."""
+            if len(self.marks) < WARM_STEPS + 2:
+                return None
+            (t0, n0), (t1, n1) = self.marks[WARM_STEPS], self.marks[-1]
+            return round((n1 - n0) / (t1 - t0), 2)
+
+    return Throughput()
+
+
+def _total_steady(devices: list[dict]) -> float | None:
+    rates = [d["steady_tokens_per_s"] for d in devices]
+    return None if None in rates else round(sum(rates), 2)
+
+
 def _curve_callback(live_dir: Path, resume: bool):
     from transformers import TrainerCallback
 
@@ -306,8 +393,21 @@ def completion_trainer_class():
         """The transformers Trainer with the completion-only loss of ftstudy.loss."""
 
         loss_is_scaled_for_ga = True  # the loss is normalised by the accumulated batch's token count
+        tokens_trained = 0  # counted here, not in the collator: the data loader prefetches a batch ahead
+
+        def autocast_smart_context_manager(self, cache_enabled=True):
+            # accelerate puts bf16 autocast on the prepared model's forward. completion_loss stands in for the
+            # causal LM's forward, so where the causal LM is the prepared model (full-parameter training) that
+            # wrapper would be bypassed; autocast around the whole loss holds for every method.
+            if self.args.bf16 and torch.cuda.is_available():
+                return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache_enabled)
+            return super().autocast_smart_context_manager(cache_enabled)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            count = inputs.pop("num_tokens", None)  # packed batches: their padding has no attention mask
+            mask = inputs.get("attention_mask")
+            self.tokens_trained += int(count if count is not None else mask.sum() if mask is not None
+                                       else inputs["input_ids"].numel())
             loss = completion_loss(model, inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"],
                                    num_items_in_batch, position_ids=inputs.get("position_ids"))
             if num_items_in_batch is not None and self.args.average_tokens_across_devices:
@@ -392,17 +492,25 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
         bf16=cuda, use_cpu=not cuda, seed=params.seed, data_seed=params.seed, report_to="none",
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not t.progress_bar, **optim_kwargs,
     )
-    collator = Collator(tokenizer.pad_token_id, pack=t.packing)
+    if distributed.world_size() == 1 and args.n_gpu > 1:
+        # With several GPUs visible to one process the Trainer wraps the model in nn.DataParallel and multiplies
+        # the batch by the GPU count. One process trains on one GPU; train.num_processes > 1 uses several (DDP).
+        args._n_gpu = 1
+    collator = Collator(tokenizer.pad_token_id, pack=t.packing, row_len=t.max_seq_len)
     trainer = completion_trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator,
                       callbacks=[] if live_dir is None else [_curve_callback(Path(live_dir), resume=last is not None)])
+    throughput = _throughput_callback(lambda: trainer.tokens_trained)
+    trainer.add_callback(throughput)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     seconds = time.perf_counter() - start
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    devices = distributed.gather({"rank": distributed.rank(), "trained_tokens": collator.tokens_seen,
-                                  "tokens_per_s": round(collator.tokens_seen / seconds, 2) if seconds else 0.0,
+    devices = distributed.gather({"rank": distributed.rank(), "trained_tokens": trainer.tokens_trained,
+                                  "tokens_per_s": round(trainer.tokens_trained / seconds, 2) if seconds else 0.0,
+                                  "steady_tokens_per_s": throughput.steady_tokens_per_s(),
+                                  "step_seconds": throughput.step_seconds(),
                                   **peak_memory()})
     # FSDP holds a shard per worker: every worker takes part in gathering the full weights.
     state_dict = (trainer.accelerator.get_state_dict(trainer.model)
@@ -426,6 +534,8 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
         "device": device_kind(),
         "train_seconds": round(seconds, 2),
         "tokens_per_s": round(trained_tokens / seconds, 2) if seconds else 0.0,
+        # After the first WARM_STEPS steps (compilation on GPU): the rate a longer run settles at.
+        "steady_tokens_per_s": _total_steady(devices),
         "trained_tokens": trained_tokens,
         "num_processes": distributed.world_size(),
         "strategy": t.strategy if distributed.world_size() > 1 else "single",

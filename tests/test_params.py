@@ -92,6 +92,16 @@ def test_layerwise_galore_refuses_gradient_accumulation():
         parse_params(_params(train__grad_accum=4))
 
 
+def test_keep_activations_needs_checkpointing_and_no_fsdp():
+    with pytest.raises(ParamsError, match=r"train.keep_activations: 2 .* which is off; allowed: 0, or "
+                                          r"train.gradient_checkpointing: true"):
+        parse_params(_params(train__keep_activations=2))
+    with pytest.raises(ParamsError, match="FSDP checkpoints every layer itself"):
+        parse_params(_params(train__keep_activations=2, train__gradient_checkpointing=True, train__num_processes=2,
+                             train__strategy="fsdp"))
+    parse_params(_params(train__keep_activations=2, train__gradient_checkpointing=True))
+
+
 def test_bad_training_values_name_key_and_range():
     with pytest.raises(ParamsError) as e:
         parse_params(_params(train_qlora__lora_r=0, train_galore__learning_rate="fast", train_lora_wide__target_modules=["qkv"],

@@ -77,9 +77,14 @@ def test_packed_batches_learn_exactly_what_padded_batches_do(tiny_model_dir, tin
 
     examples = [tokenize_example(tiny_tokenizer, r, 96, 64) for r in _records(5)]
     assert len({len(e["input_ids"]) for e in examples}) > 1  # different lengths: the padded batch has padding
+    row_len = 2 * max(len(e["input_ids"]) for e in examples)  # room for two examples a row
     results = []
     for pack in (False, True):
-        batch = Collator(tiny_tokenizer.pad_token_id, pack=pack)(examples)
+        batch = Collator(tiny_tokenizer.pad_token_id, pack=pack, row_len=row_len)(examples)
+        if pack:  # fewer rows than examples, padded to the longest row, none over row_len
+            assert batch["input_ids"].shape[0] < len(examples) and batch["input_ids"].shape[1] <= row_len
+            assert (batch["input_ids"] == tiny_tokenizer.pad_token_id).any()
+            assert int(batch["num_tokens"]) == sum(len(e["input_ids"]) for e in examples)
         model = load_model(tiny_model_dir).train()
         if method == "lora":
             torch.manual_seed(0)
@@ -94,11 +99,36 @@ def test_packed_batches_learn_exactly_what_padded_batches_do(tiny_model_dir, tin
     assert g_packed.keys() == g_padded.keys()
     for name, g in g_padded.items():
         assert torch.allclose(g_packed[name], g, atol=1e-6, rtol=1e-4), name
-    # Without the restarting positions (one long sequence) the rows would see each other: the loss changes.
-    batch = Collator(tiny_tokenizer.pad_token_id, pack=True)(examples)
+    # Without the restarting positions the examples sharing a row would see each other: the loss changes.
+    batch = Collator(tiny_tokenizer.pad_token_id, pack=True, row_len=row_len)(examples)
     model = load_model(tiny_model_dir)
     leaky = completion_loss(model, batch["input_ids"], None, batch["labels"])
     assert abs(leaky.item() - padded) > 100 * abs(packed - padded) + 1e-5
+
+
+def test_packing_fills_rows_first_fit_decreasing_and_never_exceeds_the_row_length():
+    """Attention costs the square of a row's length, so a batch is never packed into one long sequence."""
+    collate = Collator(0, pack=True, row_len=10)
+    rows = collate.rows([6, 3, 4, 7, 2, 10, 1])
+    assert sorted(i for r in rows for i in r) == list(range(7))  # every example exactly once
+    assert all(sum([6, 3, 4, 7, 2, 10, 1][i] for i in r) <= 10 for r in rows)
+    assert len(rows) == 4  # 33 tokens need 4 rows of 10, and first-fit decreasing finds them
+    batch = collate([{"input_ids": [5] * n, "labels": [5] * n} for n in (6, 3, 4, 7, 2, 10, 1)])
+    assert batch["input_ids"].shape == (4, 10) and int(batch["num_tokens"]) == 33
+    assert (batch["labels"] != IGNORE_INDEX).sum() == 33 - 7  # each example's first label is masked
+    assert Collator(0, pack=True)([{"input_ids": [5] * n, "labels": [5] * n} for n in (3, 2)])["input_ids"].shape == (2, 3)
+
+
+def test_kernels_auto_leaves_liger_out_of_compiled_layers(monkeypatch):
+    """Liger's ops inside compiled layers split them into several graphs (1.9x slower steps on an H100)."""
+    from ftstudy import fastpath
+
+    monkeypatch.setattr(fastpath, "apply_kernels", lambda model: True)
+    monkeypatch.setattr(fastpath, "compile_layers", lambda model: None)
+    base = ["fused_linear_cross_entropy"]
+    assert fastpath.speed_up(None, kernels="auto", compile="auto", cuda=True) == [*base, "compiled_layers"]
+    assert fastpath.speed_up(None, kernels="auto", compile="off", cuda=True) == [*base, "liger_kernels"]
+    assert fastpath.speed_up(None, kernels="on", compile="on", cuda=True) == [*base, "liger_kernels", "compiled_layers"]
 
 
 def test_8bit_optimizer_without_cuda_is_a_clear_error():
@@ -144,8 +174,12 @@ def test_lora_trains_the_adapter_and_leaves_the_base_alone(workdir, tiny_model_d
 
     params = _tiny_params(tiny_model_dir, train_lora_wide=LoraParams(lora_r=4, lora_alpha=8, max_steps=3,
                                                                       learning_rate=1e-2, target_modules=["q_proj", "down_proj"]))
+    # Rows longer than train.max_seq_len (96): each trains exactly 96 tokens, so the count is known.
+    long = [{**r, "response": " ".join([r["response"]] * 40)} for r in _records(32)]
+    write_jsonl(workdir / "train.jsonl", long)
     before = load_file(tiny_model_dir / "model.safetensors")
     m = _train(workdir, params, "lora_wide")
+    assert m["trained_tokens"] == 3 * 4 * 96  # the steps' tokens, not the batch the data loader prefetched
     adapter = load_file(workdir / "models/lora_wide/adapter_model.safetensors")
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # lora_B starts at zero: nonzero means it trained
@@ -166,6 +200,43 @@ def test_galore_trains_every_parameter(workdir, tiny_model_dir):
     assert any("self_attn" in k for k in changed) and any("mlp" in k for k in changed)
     assert m["optimizer"] == "galore_adamw_layerwise" and m["trainable_params"] == m["total_params"]
     assert m["peak_memory_gb"] > 0 and m["tokens_per_s"] > 0
+
+
+def test_keep_activations_exempts_the_last_layers_from_checkpointing(tiny_model_dir):
+    from ftstudy.loss import causal_lm
+    from ftstudy.training import prepare_model
+
+    for keep in (0, 1):
+        params = _tiny_params(tiny_model_dir)
+        params = dataclasses.replace(params, train=dataclasses.replace(params.train, gradient_checkpointing=True,
+                                                                       keep_activations=keep))
+        model, _ = prepare_model(method_spec(params, "lora_wide"), params, tiny_model_dir, tiny_model_dir.parent)
+        layers = causal_lm(model).model.layers
+        assert len(layers) > 1
+        assert [layer.gradient_checkpointing for layer in layers] == [True] * (len(layers) - keep) + [False] * keep
+    params = dataclasses.replace(params, train=dataclasses.replace(params.train, keep_activations=len(layers) + 1))
+    with pytest.raises(UserError, match=f"has {len(layers)} decoder layers; use at most {len(layers)}"):
+        prepare_model(method_spec(params, "lora_wide"), params, tiny_model_dir, tiny_model_dir.parent)
+
+
+def test_completion_loss_keeps_an_instance_forward_wrapper(tiny_model_dir, tiny_tokenizer):
+    """accelerate puts its autocast wrapper on the prepared model's forward; the loss must not strip it."""
+    from ftstudy.models import load_model
+
+    model = load_model(tiny_model_dir).train()
+    calls = []
+    original = model.forward
+
+    def wrapper(*args, **kwargs):  # stands in for accelerate's autocast(model.forward)
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    model.forward = wrapper
+    batch = _batch(tiny_tokenizer, _records(2))
+    completion_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert model.__dict__["forward"] is wrapper
+    model(input_ids=batch["input_ids"])
+    assert calls == [1]
 
 
 def test_4bit_without_bitsandbytes_is_a_clear_error(monkeypatch):
