@@ -20,8 +20,6 @@ import torch
 
 from ftstudy.errors import UserError
 
-STRATEGIES = ("ddp", "fsdp")
-
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -112,22 +110,17 @@ def gather(obj) -> list:
     return out
 
 
-def uses_fsdp(t) -> bool:
-    return t.num_processes > 1 and t.strategy == "fsdp"
-
-
 def trainer_kwargs(t, layer_cls: str) -> dict:
     """TrainingArguments for the strategy; per-device batch = effective batch / processes.
 
     Under FSDP (version 2: per-parameter sharding, each decoder layer its own unit) checkpointing is FSDP's own,
     as transformers advises: the Trainer's would all-gather every layer's weights once more in the backward.
     """
-    fsdp = uses_fsdp(t)
     # Checkpointing without FSDP is set on the model (training.enable_checkpointing), not through the Trainer.
     kwargs = {"per_device_train_batch_size": t.batch_size // t.num_processes}
     if t.num_processes > 1:
         kwargs["ddp_find_unused_parameters"] = False
-    if fsdp:
+    if t.fsdp:
         kwargs["fsdp"] = "full_shard auto_wrap"
         kwargs["fsdp_config"] = {"version": 2, "transformer_layer_cls_to_wrap": [layer_cls],
                                  "activation_checkpointing": t.gradient_checkpointing}

@@ -69,7 +69,7 @@ def speed_up(model, *, kernels: str, compile: str, cuda: bool) -> list[str]:
     # With compiled layers, kernels=auto leaves Liger out: inductor fuses the norms and GeGLU itself, and
     # Liger's Triton ops split each compiled layer into several graphs whose launches dominate a step (wide
     # LoRA on an H100, 8 x 512 tokens: 0.379 s a step with Liger inside the compiled layers, 0.202 s without).
-    if (kernels == "on" or (kernels == "auto" and cuda and not compiled)) and apply_kernels(model):
+    if wanted(kernels, cuda) and (kernels == "on" or not compiled) and apply_kernels(model):
         applied.append("liger_kernels")
     if compiled:
         compile_layers(model)

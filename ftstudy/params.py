@@ -107,6 +107,11 @@ class TrainParams:
     strategy: str = _spec("ddp", choices=STRATEGIES, doc="data parallelism with num_processes > 1: ddp or fsdp")
     progress_bar: bool = _spec(True)
 
+    @property
+    def fsdp(self) -> bool:
+        """Whether the stages shard with FSDP (the strategy matters only with several processes)."""
+        return self.num_processes > 1 and self.strategy == "fsdp"
+
 
 @dataclass(frozen=True)
 class LoraParams:
@@ -287,7 +292,7 @@ def _cross_checks(p: Params, problems: list[str]) -> None:
     if p.train.keep_activations and not p.train.gradient_checkpointing:
         problems.append(f"train.keep_activations: {p.train.keep_activations} chooses layers exempt from gradient "
                         f"checkpointing, which is off; allowed: 0, or train.gradient_checkpointing: true")
-    if p.train.keep_activations and p.train.num_processes > 1 and p.train.strategy == "fsdp":
+    if p.train.keep_activations and p.train.fsdp:
         problems.append("train.keep_activations: FSDP checkpoints every layer itself; allowed: 0 with "
                         "train.strategy: fsdp")
     if p.train.max_prompt_tokens >= p.train.max_seq_len:

@@ -160,23 +160,23 @@ class Collator:
 
     def __call__(self, examples: list[dict]) -> dict:
         if self.pack:
-            layout = self.rows([len(e["input_ids"]) for e in examples])
-            width = max(sum(len(examples[i]["input_ids"]) for i in row) for row in layout)
+            lengths = [len(e["input_ids"]) for e in examples]
+            layout = self.rows(lengths)
+            width = max(sum(lengths[i] for i in row) for row in layout)
             ids = torch.full((len(layout), width), self.pad_id, dtype=torch.long)
             labels = torch.full((len(layout), width), IGNORE_INDEX, dtype=torch.long)
             positions = torch.zeros((len(layout), width), dtype=torch.long)
             for r, row in enumerate(layout):
                 at = 0
                 for i in row:
-                    e = examples[i]
-                    n = len(e["input_ids"])
+                    e, n = examples[i], lengths[i]
                     ids[r, at:at + n] = torch.tensor(e["input_ids"])
                     labels[r, at + 1:at + n] = torch.tensor(e["labels"][1:])
                     positions[r, at:at + n] = torch.arange(n)
                     at += n
                 positions[r, at:] = torch.arange(width - at)
             return {"input_ids": ids, "labels": labels, "position_ids": positions,
-                    "num_tokens": torch.tensor(sum(len(e["input_ids"]) for e in examples))}
+                    "num_tokens": torch.tensor(sum(lengths))}
         width = max(len(e["input_ids"]) for e in examples)
         ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -254,10 +254,10 @@ def prepare_model(spec: MethodSpec, params: Params, base_dir: Path, models_dir: 
     model = load_start_model(spec, base_dir, models_dir)
     model.config.use_cache = False
     model = attach_adapter(model, spec, t.gradient_checkpointing)
-    if t.gradient_checkpointing and not distributed.uses_fsdp(t):  # FSDP checkpoints with its own wrapper
+    if t.gradient_checkpointing and not t.fsdp:  # FSDP checkpoints with its own wrapper
         enable_checkpointing(model, t.keep_activations)
     # Compiled layers under FSDP2 with its checkpointing crashed in cuDNN attention's backward on 2 H200s.
-    compile = "off" if distributed.uses_fsdp(t) and t.compile == "auto" else t.compile
+    compile = "off" if t.fsdp and t.compile == "auto" else t.compile
     levers = fastpath.speed_up(model, kernels=t.kernels, compile=compile, cuda=torch.cuda.is_available())
     return model, levers
 
@@ -404,10 +404,9 @@ def completion_trainer_class():
             return super().autocast_smart_context_manager(cache_enabled)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            count = inputs.pop("num_tokens", None)  # packed batches: their padding has no attention mask
-            mask = inputs.get("attention_mask")
-            self.tokens_trained += int(count if count is not None else mask.sum() if mask is not None
-                                       else inputs["input_ids"].numel())
+            # Packed batches carry their token count (their padding has no attention mask); padded ones a mask.
+            count = inputs.pop("num_tokens", None)
+            self.tokens_trained += int(inputs["attention_mask"].sum() if count is None else count)
             loss = completion_loss(model, inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"],
                                    num_items_in_batch, position_ids=inputs.get("position_ids"))
             if num_items_in_batch is not None and self.args.average_tokens_across_devices:
