@@ -109,7 +109,7 @@ def main(argv=None) -> list[dict]:
                    "device": torch.cuda.get_device_name() if cuda else "cpu", "steps": a.steps,
                    "effective_batch": many["effective_batch"], "tokens_per_s": rate(many),
                    "tokens_per_s_with_warmup": many["tokens_per_s"], "peak_memory_gb_total": many["peak_memory_gb_total"],
-                   "per_device": many["per_device"], "loss_curve": many["loss_curve"]}
+                   "per_device": many["per_device"], "levers": many["speed_levers"], "loss_curve": many["loss_curve"]}
             if one:
                 rec.update(single_tokens_per_s=rate(one), single_effective_batch=one["effective_batch"],
                            scaling=round(rate(many) / rate(one), 3),

@@ -25,17 +25,26 @@ from speed import bench_params, build_base, build_variant, make_batches, train_s
 from ftstudy.arch import GEMMA3_1B  # noqa: E402
 
 
-def build(method: str, variant: str, liger: bool, compiled: bool, base_dir: Path, mode: str | None = None):
-    """One variant of benchmarks/speed.py, with the project's levers switched one by one."""
-    params = bench_params(variant, True)
-    params = dataclasses.replace(params, train=dataclasses.replace(
-        params.train, kernels="on" if liger else "off", compile="on" if compiled and not mode else "off"))
-    model, opt, _, _ = build_variant(method, variant, base_dir, True, params)
-    if mode:  # e.g. reduce-overhead: CUDA graphs, one launch per layer graph instead of one per kernel
-        from ftstudy.loss import causal_lm
+def build(method: str, variant: str, liger: bool, compiled: bool, base_dir: Path, mode: str | None = None,
+          ckpt: str = "inside", keep: int = 0):
+    """One variant of benchmarks/speed.py, with the project's levers switched one by one.
 
-        for layer in causal_lm(model).model.layers:
-            layer.compile(mode=mode)
+    ckpt: "inside" (the training path: recomputation traced into the compiled layers), "outside" (transformers'
+    checkpoint around each compiled layer, as before), "off" (no recomputation).
+    """
+    from ftstudy import fastpath
+    from ftstudy.loss import causal_lm
+
+    params = bench_params(variant, True, keep)
+    params = dataclasses.replace(params, train=dataclasses.replace(
+        params.train, kernels="on" if liger else "off", compile="off", gradient_checkpointing=ckpt != "off"))
+    model, opt, _, _ = build_variant(method, variant, base_dir, True, params)
+    if compiled:
+        if ckpt == "outside":
+            for layer in causal_lm(model).model.layers:
+                layer.compile(mode=mode)
+        else:
+            fastpath.compile_layers(model, mode)
     return model, opt
 
 
@@ -43,22 +52,23 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--method", default="lora_wide")
     p.add_argument("--variant", default="project", choices=["baseline", "project"])
-    p.add_argument("--ckpt", default="on", choices=["on", "off"])
+    p.add_argument("--ckpt", default="inside", choices=["inside", "outside", "off"])
+    p.add_argument("--keep", type=int, default=0, help="train.keep_activations")
     p.add_argument("--liger", action="store_true")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--mode", help="torch.compile mode for the layers (implies --compile)")
+    p.add_argument("--mode", help="torch.compile mode for the layers, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--base", type=Path, help="random-weight model directory to reuse (built there if missing)")
     a = p.parse_args()
     batches = make_batches(a.warmup + a.steps, a.batch, a.seq_len, GEMMA3_1B["vocab_size"], 0.5)
-    base_dir = Path(tempfile.mkdtemp()) / "base"
-    build_base(GEMMA3_1B, base_dir, True)
-    model, opt = build(a.method, a.variant, a.liger, a.compile, base_dir, a.mode)
-    if a.ckpt == "off":
-        model.gradient_checkpointing_disable()
+    base_dir = a.base or Path(tempfile.mkdtemp()) / "base"
+    if not (base_dir / "config.json").exists():
+        build_base(GEMMA3_1B, base_dir, True)
+    model, opt = build(a.method, a.variant, a.liger, a.compile or bool(a.mode), base_dir, a.mode, a.ckpt, a.keep)
     times, losses = [], []
     t_compile = time.perf_counter()
     for step, b in enumerate(batches):
@@ -78,7 +88,7 @@ def main() -> None:
         losses.append(round(float(loss.detach()), 5))
     med = statistics.median(times)
     rec = {"method": a.method, "variant": a.variant, "ckpt": a.ckpt, "liger": a.liger, "compile": a.compile,
-           "mode": a.mode, "batch": a.batch,
+           "mode": a.mode, "keep": a.keep, "batch": a.batch,
            "step_s": round(med, 4), "tokens_per_s": round(a.batch * a.seq_len / med), "first_step_s": round(first, 1),
            "peak_alloc_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
            "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2), "losses": losses}

@@ -103,6 +103,8 @@ class TrainParams:
     packing: bool = _spec(True, doc="padding-free batches: examples share rows of max_seq_len, attention kept within each example")
     kernels: str = _spec("auto", choices=FASTPATH_SETTINGS, doc="Liger's Triton kernels; auto = on with CUDA, uncompiled layers")
     compile: str = _spec("auto", choices=FASTPATH_SETTINGS, doc="torch.compile each decoder layer; auto = on with CUDA")
+    cuda_graphs: str = _spec("auto", choices=FASTPATH_SETTINGS, doc="replay the compiled layers as CUDA graphs "
+                             "(torch.compile reduce-overhead); auto = on wherever layers are compiled")
     num_processes: int = _spec(1, ge=1, le=64, doc="workers (GPUs) per training stage; >1 launches it through torchrun")
     strategy: str = _spec("ddp", choices=STRATEGIES, doc="data parallelism with num_processes > 1: ddp or fsdp")
     progress_bar: bool = _spec(True)
@@ -292,6 +294,14 @@ def _cross_checks(p: Params, problems: list[str]) -> None:
     if p.train.keep_activations and not p.train.gradient_checkpointing:
         problems.append(f"train.keep_activations: {p.train.keep_activations} chooses layers exempt from gradient "
                         f"checkpointing, which is off; allowed: 0, or train.gradient_checkpointing: true")
+    if p.train.cuda_graphs == "on" and p.train.grad_accum > 1:
+        problems.append(f"train.cuda_graphs: on with train.grad_accum={p.train.grad_accum}: gradients accumulated "
+                        f"over micro-steps would sit in CUDA-graph memory that the next replay overwrites; allowed: "
+                        f"auto (off with accumulation) or off, or train.grad_accum: 1 with a larger batch_size")
+    if p.train.cuda_graphs == "on" and (p.train.compile == "off" or p.train.fsdp):
+        problems.append("train.cuda_graphs: on replays compiled layers, but "
+                        + ("train.compile is off" if p.train.compile == "off" else "FSDP runs uncompiled layers")
+                        + "; allowed: auto or off, or train.compile: on/auto with one process or DDP")
     if p.train.keep_activations and p.train.fsdp:
         problems.append("train.keep_activations: FSDP checkpoints every layer itself; allowed: 0 with "
                         "train.strategy: fsdp")

@@ -138,10 +138,11 @@ class Collator:
     ``num_tokens`` (the non-padding tokens) rides along for the throughput metrics.
     """
 
-    def __init__(self, pad_id: int, pack: bool = False, row_len: int | None = None):
+    def __init__(self, pad_id: int, pack: bool = False, row_len: int | None = None, full_rows: bool = False):
         self.pad_id = pad_id
         self.pack = pack
         self.row_len = row_len
+        self.full_rows = full_rows  # rows padded to row_len, not to the fullest row (one shape for CUDA graphs)
 
     def rows(self, lengths: list[int]) -> list[list[int]]:
         """Example indices per row, first-fit decreasing into rows of ``row_len`` (one per example if None)."""
@@ -163,6 +164,8 @@ class Collator:
             lengths = [len(e["input_ids"]) for e in examples]
             layout = self.rows(lengths)
             width = max(sum(lengths[i] for i in row) for row in layout)
+            if self.full_rows and self.row_len:
+                width = max(width, self.row_len)
             ids = torch.full((len(layout), width), self.pad_id, dtype=torch.long)
             labels = torch.full((len(layout), width), IGNORE_INDEX, dtype=torch.long)
             positions = torch.zeros((len(layout), width), dtype=torch.long)
@@ -178,6 +181,8 @@ class Collator:
             return {"input_ids": ids, "labels": labels, "position_ids": positions,
                     "num_tokens": torch.tensor(sum(lengths))}
         width = max(len(e["input_ids"]) for e in examples)
+        if self.full_rows and self.row_len:
+            width = max(width, self.row_len)
         ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -258,7 +263,14 @@ def prepare_model(spec: MethodSpec, params: Params, base_dir: Path, models_dir: 
         enable_checkpointing(model, t.keep_activations)
     # Compiled layers under FSDP2 with its checkpointing crashed in cuDNN attention's backward on 2 H200s.
     compile = "off" if t.fsdp and t.compile == "auto" else t.compile
-    levers = fastpath.speed_up(model, kernels=t.kernels, compile=compile, cuda=torch.cuda.is_available())
+    # Gradients accumulated over micro-steps would live in CUDA-graph memory that the next replay overwrites
+    # (cudagraph trees refuse: "accessing tensor output of CUDAGraphs that has been overwritten").
+    graphs = "off" if t.grad_accum > 1 and t.cuda_graphs == "auto" else t.cuda_graphs
+    cuda = torch.cuda.is_available()
+    levers = fastpath.speed_up(model, kernels=t.kernels, compile=compile, cuda=cuda, cuda_graphs=graphs)
+    if cuda and spec.optimizer.startswith("galore_adamw_8bit"):
+        fastpath.fast_galore_8bit()
+        levers.append("galore_8bit_in_place")
     return model, levers
 
 
@@ -407,6 +419,9 @@ def completion_trainer_class():
             # Packed batches carry their token count (their padding has no attention mask); padded ones a mask.
             count = inputs.pop("num_tokens", None)
             self.tokens_trained += int(inputs["attention_mask"].sum() if count is None else count)
+            if model.training:
+                # A new step for cudagraph trees: the previous step's graph outputs may be overwritten now.
+                torch.compiler.cudagraph_mark_step_begin()
             loss = completion_loss(model, inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"],
                                    num_items_in_batch, position_ids=inputs.get("position_ids"))
             if num_items_in_batch is not None and self.args.average_tokens_across_devices:
@@ -450,7 +465,7 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
 
     cuda = torch.cuda.is_available()
     check_hardware(spec)
-    fastpath.check(params.train.kernels, cuda)
+    fastpath.check(params.train.kernels, cuda, params.train.cuda_graphs)
     distributed.check(spec, params.train, cuda)
     distributed.init(cuda)
     t = params.train
@@ -495,7 +510,9 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
         # With several GPUs visible to one process the Trainer wraps the model in nn.DataParallel and multiplies
         # the batch by the GPU count. One process trains on one GPU; train.num_processes > 1 uses several (DDP).
         args._n_gpu = 1
-    collator = Collator(tokenizer.pad_token_id, pack=t.packing, row_len=t.max_seq_len)
+    # CUDA graphs are recorded per batch shape: rows of one width leave at most batch_size shapes to record.
+    collator = Collator(tokenizer.pad_token_id, pack=t.packing, row_len=t.max_seq_len,
+                        full_rows="cuda_graphs" in levers)
     trainer = completion_trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator,
                       callbacks=[] if live_dir is None else [_curve_callback(Path(live_dir), resume=last is not None)])
     throughput = _throughput_callback(lambda: trainer.tokens_trained)

@@ -1,0 +1,160 @@
+"""The GPU levers of ftstudy.fastpath, checked where a CPU can: same numbers as the plain path, and the property
+each lever exists for (recomputation really inside compiled layers, weights updated in place, ...)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from ftstudy import fastpath, synthetic
+from ftstudy.errors import UserError
+from ftstudy.loss import causal_lm, completion_loss
+from ftstudy.params import Params, ParamsError, parse_params, to_dict
+from ftstudy.prompt import tokenize_example
+from ftstudy.sources import convert_rows
+from ftstudy.training import Collator, method_spec, prepare_model
+
+
+def _batch(tokenizer, n=4):
+    rows = convert_rows("alpaca", synthetic.generate("alpaca", "train", n, 0), 10**6, "last_turn")
+    return Collator(tokenizer.pad_token_id)([tokenize_example(tokenizer, r, 96, 64) for r in rows])
+
+
+def _params(method: str, **train) -> Params:
+    p = Params()
+    sections = {"train": dataclasses.replace(p.train, **train)}
+    name = f"train_{method}"
+    if hasattr(getattr(p, name), "lora_dropout"):  # dropout off: runs are compared number for number
+        sections[name] = dataclasses.replace(getattr(p, name), lora_dropout=0.0)
+    return dataclasses.replace(p, **sections)
+
+
+def _loss_grads_saved(model, batch):
+    """Loss, gradients and the bytes the forward keeps for the backward (parameters, which it only refers to, excluded)."""
+    params = {p.data_ptr() for p in model.parameters()}
+    saved = []
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = completion_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), grads, sum(saved)
+
+
+def test_compiled_layers_recompute_inside_their_graph_and_learn_the_same(tiny_model_dir, tiny_tokenizer):
+    """Checkpointing moves into the compiled layers (so CUDA graphs can record them): same loss and gradients as
+    the eager checkpointed model, and the compiled forward keeps far less than compiled without checkpointing."""
+    batch = _batch(tiny_tokenizer)
+    runs = {}
+    for name, train in {"eager": dict(compile="off", gradient_checkpointing=True),
+                        "compiled": dict(compile="on", gradient_checkpointing=True),
+                        "compiled_no_ckpt": dict(compile="on", gradient_checkpointing=False)}.items():
+        torch._dynamo.reset()
+        p = _params("lora_wide", **train)
+        torch.manual_seed(1)  # LoRA's A matrices: the same draw in every run
+        model, levers = prepare_model(method_spec(p, "lora_wide"), p, tiny_model_dir, tiny_model_dir.parent)
+        model.train()
+        assert ("compiled_layers" in levers) == (train["compile"] == "on")
+        runs[name] = _loss_grads_saved(model, batch)
+        if name == "compiled":
+            assert all(not layer.gradient_checkpointing for layer in causal_lm(model).model.layers)
+    loss, grads, _ = runs["eager"]
+    assert runs["compiled"][0] == pytest.approx(loss, rel=1e-5)
+    for n, g in grads.items():
+        assert torch.allclose(runs["compiled"][1][n], g, atol=1e-6, rtol=1e-4), n
+    assert runs["compiled"][2] < 0.5 * runs["compiled_no_ckpt"][2]
+
+
+def test_4bit_linears_run_as_dequantize_and_linear_with_bitsandbytes_numbers(tiny_model_dir, tiny_tokenizer,
+                                                                              monkeypatch):
+    """QLoRA's frozen 4-bit linears as traceable ops: bitsandbytes' own 4-bit matmul is no longer called, and
+    loss and adapter gradients are what it gave."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    batch = _batch(tiny_tokenizer)
+    p = _params("qlora", compile="off")
+    model, _ = prepare_model(method_spec(p, "qlora"), p, tiny_model_dir, tiny_model_dir.parent)
+    model.train()
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    loss, grads, _ = _loss_grads_saved(model, batch)
+    model.zero_grad(set_to_none=True)
+    for layer in causal_lm(model).model.layers:
+        fastpath.trace_4bit_linears(layer)
+
+    def refuse(*a, **k):
+        raise AssertionError("bitsandbytes' 4-bit matmul was called")
+
+    monkeypatch.setattr(bnb, "matmul_4bit", refuse)
+    traced_loss, traced_grads, _ = _loss_grads_saved(model, batch)
+    assert traced_loss == pytest.approx(loss, rel=1e-6)
+    assert grads.keys() == traced_grads.keys() and grads
+    for n, g in grads.items():
+        assert torch.allclose(traced_grads[n], g, atol=1e-6, rtol=1e-5), n
+
+
+def test_galore_8bit_step_is_galore_torchs_update_with_weights_kept_in_place(monkeypatch):
+    """Same weights as galore-torch's own step over reprojections and weight decay, without moving any weight
+    (CUDA graphs read weights where they were recorded). bitsandbytes' 8-bit update runs on CPU too; only
+    galore-torch's device sync needs CUDA, so the original gets a no-op sync here."""
+    galore_torch = pytest.importorskip("galore_torch")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    torch.manual_seed(0)
+    init = [torch.randn(256, 512) * 0.02, torch.randn(512, 256) * 0.02, torch.ones(300)]
+    finals, moved, states = [], [], []
+    for step_fn in (galore_torch.GaLoreAdamW8bit.step, fastpath.galore_8bit_step):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = galore_torch.GaLoreAdamW8bit([{"params": params[2:]},  # outside GaLore's targets: plain 8-bit AdamW
+                                            {"params": params[:2], "rank": 32, "update_proj_gap": 2, "scale": 0.25,
+                                             "proj_type": "std"}], lr=1e-2, weight_decay=0.1)
+        ptrs = [q.data_ptr() for q in params]
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for q in params:
+                q.grad = torch.randn(q.shape, generator=g)
+            step_fn(opt)
+        finals.append(params)
+        moved.append([q.data_ptr() != ptr for q, ptr in zip(params, ptrs, strict=True)])
+        states.append(opt.state[params[0]]["state1"].dtype)
+    assert states == [torch.uint8, torch.uint8]  # the 8-bit path was exercised
+    assert moved[0][:2] == [True, True]  # galore-torch moves the projected weights every step ...
+    assert moved[1] == [False, False, False]  # ... the project's step never does
+    for a, b, t in zip(*finals, init, strict=True):
+        assert torch.equal(a, b)
+        assert not torch.equal(a, t)  # and the weights did change
+
+
+def test_cuda_graph_settings_and_their_refusals(monkeypatch):
+    seen = []
+    monkeypatch.setattr(fastpath, "compile_layers", lambda model, graphs=False: seen.append(graphs))
+    base = ["fused_linear_cross_entropy", "compiled_layers"]
+    assert fastpath.speed_up(None, kernels="auto", compile="auto", cuda=True, cuda_graphs="auto") == [*base, "cuda_graphs"]
+    assert fastpath.speed_up(None, kernels="auto", compile="auto", cuda=True, cuda_graphs="off") == base
+    assert fastpath.speed_up(None, kernels="auto", compile="on", cuda=False, cuda_graphs="auto") == base
+    assert seen == [True, False, False]
+    with pytest.raises(UserError, match="cuda_graphs=on needs CUDA"):
+        fastpath.check("auto", cuda=False, cuda_graphs="on")
+    raw = to_dict(Params())
+    raw["train"].update(cuda_graphs="on", grad_accum=2)
+    with pytest.raises(ParamsError, match=r"train.cuda_graphs: on with train.grad_accum=2.*allowed: auto"):
+        parse_params(raw)
+    raw["train"].update(grad_accum=1, compile="off")
+    with pytest.raises(ParamsError, match="train.cuda_graphs: on replays compiled layers, but train.compile is off"):
+        parse_params(raw)
+    raw["train"].update(compile="auto")
+    parse_params(raw)
+
+
+def test_full_rows_give_one_batch_shape_for_cuda_graphs():
+    """CUDA graphs are recorded per shape: with full_rows every batch is rows x row_len, packed or padded."""
+    examples = [{"input_ids": [5] * n, "labels": [5] * n} for n in (6, 3, 2)]
+    assert Collator(0, pack=True, row_len=10, full_rows=True)(examples)["input_ids"].shape == (2, 10)
+    assert Collator(0, pack=True, row_len=10)(examples)["input_ids"].shape == (2, 9)
+    assert Collator(0, row_len=10, full_rows=True)(examples)["input_ids"].shape == (3, 10)
