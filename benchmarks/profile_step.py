@@ -25,7 +25,7 @@ from speed import bench_params, build_base, build_variant, make_batches, train_s
 from ftstudy.arch import GEMMA3_1B  # noqa: E402
 
 
-def build(method: str, variant: str, liger: bool, compiled: bool, base_dir: Path, mode: str | None = None,
+def build(method: str, variant: str, liger: bool, compiled: bool, base_dir: Path, graphs: bool = False,
           ckpt: str = "inside", keep: int = 0):
     """One variant of benchmarks/speed.py, with the project's levers switched one by one.
 
@@ -42,9 +42,9 @@ def build(method: str, variant: str, liger: bool, compiled: bool, base_dir: Path
     if compiled:
         if ckpt == "outside":
             for layer in causal_lm(model).model.layers:
-                layer.compile(mode=mode)
+                layer.compile(mode="reduce-overhead" if graphs else None)
         else:
-            fastpath.compile_layers(model, mode)
+            fastpath.compile_layers(model, graphs)
     return model, opt
 
 
@@ -56,7 +56,8 @@ def main() -> None:
     p.add_argument("--keep", type=int, default=0, help="train.keep_activations")
     p.add_argument("--liger", action="store_true")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--mode", help="torch.compile mode for the layers, e.g. reduce-overhead (CUDA graphs)")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay the compiled layers as CUDA graphs "
+                   "(torch.compile reduce-overhead; implies --compile)")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=3)
@@ -68,7 +69,8 @@ def main() -> None:
     base_dir = a.base or Path(tempfile.mkdtemp()) / "base"
     if not (base_dir / "config.json").exists():
         build_base(GEMMA3_1B, base_dir, True)
-    model, opt = build(a.method, a.variant, a.liger, a.compile or bool(a.mode), base_dir, a.mode, a.ckpt, a.keep)
+    a.compile = a.compile or a.cuda_graphs
+    model, opt = build(a.method, a.variant, a.liger, a.compile, base_dir, a.cuda_graphs, a.ckpt, a.keep)
     times, losses = [], []
     t_compile = time.perf_counter()
     for step, b in enumerate(batches):
@@ -77,7 +79,7 @@ def main() -> None:
         b = {k: v.cuda() for k, v in b.items()}
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        if a.mode:
+        if a.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         loss = train_step(model, opt, b, a.variant, True)
         torch.cuda.synchronize()
@@ -88,7 +90,7 @@ def main() -> None:
         losses.append(round(float(loss.detach()), 5))
     med = statistics.median(times)
     rec = {"method": a.method, "variant": a.variant, "ckpt": a.ckpt, "liger": a.liger, "compile": a.compile,
-           "mode": a.mode, "keep": a.keep, "batch": a.batch,
+           "cuda_graphs": a.cuda_graphs, "keep": a.keep, "batch": a.batch,
            "step_s": round(med, 4), "tokens_per_s": round(a.batch * a.seq_len / med), "first_step_s": round(first, 1),
            "peak_alloc_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
            "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2), "losses": losses}

@@ -144,6 +144,9 @@ class Collator:
         self.row_len = row_len
         self.full_rows = full_rows  # rows padded to row_len, not to the fullest row (one shape for CUDA graphs)
 
+    def _width(self, fullest: int) -> int:
+        return max(fullest, self.row_len) if self.full_rows and self.row_len else fullest
+
     def rows(self, lengths: list[int]) -> list[list[int]]:
         """Example indices per row, first-fit decreasing into rows of ``row_len`` (one per example if None)."""
         cap = self.row_len or 0
@@ -163,9 +166,7 @@ class Collator:
         if self.pack:
             lengths = [len(e["input_ids"]) for e in examples]
             layout = self.rows(lengths)
-            width = max(sum(lengths[i] for i in row) for row in layout)
-            if self.full_rows and self.row_len:
-                width = max(width, self.row_len)
+            width = self._width(max(sum(lengths[i] for i in row) for row in layout))
             ids = torch.full((len(layout), width), self.pad_id, dtype=torch.long)
             labels = torch.full((len(layout), width), IGNORE_INDEX, dtype=torch.long)
             positions = torch.zeros((len(layout), width), dtype=torch.long)
@@ -180,9 +181,7 @@ class Collator:
                 positions[r, at:] = torch.arange(width - at)
             return {"input_ids": ids, "labels": labels, "position_ids": positions,
                     "num_tokens": torch.tensor(sum(lengths))}
-        width = max(len(e["input_ids"]) for e in examples)
-        if self.full_rows and self.row_len:
-            width = max(width, self.row_len)
+        width = self._width(max(len(e["input_ids"]) for e in examples))
         ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -268,7 +267,7 @@ def prepare_model(spec: MethodSpec, params: Params, base_dir: Path, models_dir: 
     graphs = "off" if t.grad_accum > 1 and t.cuda_graphs == "auto" else t.cuda_graphs
     cuda = torch.cuda.is_available()
     levers = fastpath.speed_up(model, kernels=t.kernels, compile=compile, cuda=cuda, cuda_graphs=graphs)
-    if cuda and spec.optimizer.startswith("galore_adamw_8bit"):
+    if cuda and spec.optimizer in EIGHT_BIT_OPTIMIZERS:
         fastpath.fast_galore_8bit()
         levers.append("galore_8bit_in_place")
     return model, levers
