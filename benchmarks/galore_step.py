@@ -1,11 +1,16 @@
-"""The project's GaLore 8-bit step (ftstudy.fastpath.galore_8bit_step) against galore-torch's own, on a GPU.
+"""The project's GaLore 8-bit optimizers (ftstudy.galore) against galore-torch's and transformers', on a GPU.
 
     python benchmarks/galore_step.py            # needs CUDA (bitsandbytes' 8-bit optimizers)
 
-Two copies of the same weights (gemma-3-1b's attention and MLP shapes, and a norm vector outside GaLore's
-targets) receive the same gradients for a few steps, one through each step function, with a projection update
-gap of 2 so the SVD reprojection is exercised. Prints the largest difference between the copies, whether each
-weight stayed in its storage, and the time per optimizer step of each.
+1. The step: two copies of the same weights (gemma-3-1b's attention and MLP shapes, and a norm vector outside
+   GaLore's targets) receive the same gradients for a few steps, one through galore-torch's step and one
+   through ``galore_8bit_step``, with a projection update gap of 2 so the SVD reprojection is exercised.
+   Prints the largest difference between the copies, whether each weight stayed in its storage, and the time
+   per optimizer step of each.
+2. Layer-wise: two copies of a 2-layer model with gemma-3-1b's layer shapes train 6 steps on the same batches,
+   one with transformers' ``galore_adamw_8bit_layerwise`` (given the rate of the project's schedule at every
+   step), one with ``LayerwiseGaLore``; prints the largest weight difference and the time per step of each.
+Both with galore-torch's arguments bound by name (``fix_8bit_arguments``), as the training stages run it.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import torch
 def main() -> dict:
     import galore_torch
 
-    from ftstudy.fastpath import galore_8bit_step
+    from ftstudy.galore import fix_8bit_arguments, galore_8bit_step
+
+    fix_8bit_arguments()
 
     original = galore_torch.GaLoreAdamW8bit.step
     assert original is not galore_8bit_step, "run in a fresh process: the class is already patched"
@@ -54,8 +61,71 @@ def main() -> dict:
     change = max((a.float() - w.float()).abs().max().item() for a, w in zip(copies[0][0], init + [norm0], strict=True))
     rec = {"max_abs_diff": diff, "max_abs_change": change, "weights_moved": moved,
            "step_ms": {k: round(statistics.median(v) * 1000, 2) for k, v in times.items()}}
+    rec["layerwise"] = layerwise()
     print(json.dumps(rec))
     return rec
+
+
+def layerwise(steps: int = 6) -> dict:
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, Trainer, TrainingArguments
+
+    from ftstudy.arch import GEMMA3_1B
+    from ftstudy.galore import LayerwiseGaLore
+    from ftstudy.training import galore_target_patterns
+
+    config = Gemma3TextConfig(**{**GEMMA3_1B, "num_hidden_layers": 2, "vocab_size": 32768})
+    torch.manual_seed(0)
+    init = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).state_dict()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(3, config.vocab_size, (4, 512), generator=g).cuda() for _ in range(steps)]
+    # Deterministic kernels (the embedding's backward adds with atomics otherwise): two runs of one optimizer agree
+    # bit for bit, so any difference left between the two optimizers is theirs. The second transformers run checks it.
+    torch.use_deterministic_algorithms(True)
+    models, times, rates = [], {}, None
+    for name in ("project", "transformers", "transformers again"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda()
+        model.load_state_dict(init)
+        with tempfile.TemporaryDirectory() as td:
+            args = TrainingArguments(output_dir=td, optim="galore_adamw_8bit_layerwise", learning_rate=1e-3,
+                                     optim_target_modules=galore_target_patterns(["self_attn", "mlp"]),
+                                     optim_args="rank=128,update_proj_gap=2,scale=0.25", lr_scheduler_type="linear",
+                                     warmup_steps=2, max_steps=steps, bf16=True, report_to="none")
+            trainer = Trainer(model=model, args=args)
+            if name == "project":
+                trainer.optimizer = LayerwiseGaLore.from_trainer_args(model, args)
+                trainer.create_optimizer_and_scheduler(num_training_steps=steps)
+                rates = []
+            else:
+                trainer.create_optimizer()
+        opt, took = trainer.optimizer, []
+        for step, ids in enumerate(batches):
+            if name == "project":
+                rates.append(opt.param_groups[0]["lr"])
+            else:
+                for o in opt.optimizer_dict.values():
+                    o.param_groups[0]["lr"] = rates[step]
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            if name == "project":
+                trainer.lr_scheduler.step()
+            opt.zero_grad()
+            torch.cuda.synchronize()
+            took.append(time.perf_counter() - t0)
+        times[name] = round(statistics.median(took[2:]) * 1000, 1)
+        models.append(model)
+    torch.use_deterministic_algorithms(False)
+    a, b, c = (dict(m.named_parameters()) for m in models)
+    diff = {n: (a[n].float() - b[n].float()).abs().max().item() for n in a}
+    control = max((b[n].float() - c[n].float()).abs().max().item() for n in a)
+    return {"max_abs_diff": max(diff.values()), "params_differing": sorted(n for n, v in diff.items() if v > 0),
+            "params": len(diff), "control_max_abs_diff": control, "rates": rates, "step_ms": times,
+            "max_abs_change": max((a[n].float() - init[n].float().cuda()).abs().max().item() for n in a)}
 
 
 if __name__ == "__main__":

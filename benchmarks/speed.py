@@ -98,13 +98,17 @@ def build_baseline(spec, base_dir: Path, cuda: bool):
     return model
 
 
-def make_optimizer(model, optim_kwargs: dict, lr: float, cuda: bool, workdir: Path):
-    """The optimizer transformers' Trainer would build (for layer-wise GaLore: per-parameter steps in hooks)."""
+def make_optimizer(model, optim_kwargs: dict, lr: float, cuda: bool, workdir: Path, project: bool):
+    """The optimizer the Trainer builds: transformers' own for the baseline, the training stages' for the project
+    (ftstudy.galore's layer-wise GaLore)."""
     from transformers import Trainer, TrainingArguments
+
+    from ftstudy.training import completion_trainer_class
 
     args = TrainingArguments(output_dir=str(workdir), learning_rate=lr, weight_decay=0.0, report_to="none",
                              bf16=cuda, use_cpu=not cuda, **optim_kwargs)
-    return Trainer(model=model, args=args).create_optimizer()
+    trainer_class = completion_trainer_class() if project else Trainer
+    return trainer_class(model=model, args=args).create_optimizer()
 
 
 def build_variant(method: str, variant: str, base_dir: Path, cuda: bool, params: Params | None = None):
@@ -125,7 +129,7 @@ def build_variant(method: str, variant: str, base_dir: Path, cuda: bool, params:
         okw = optimizer_kwargs(spec)
     model.train()
     with tempfile.TemporaryDirectory() as td:
-        opt = make_optimizer(model, okw, spec.learning_rate, cuda, Path(td))
+        opt = make_optimizer(model, okw, spec.learning_rate, cuda, Path(td), variant == "project")
     return model, opt, levers, okw["optim"]
 
 

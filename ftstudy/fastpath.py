@@ -60,23 +60,31 @@ def apply_kernels(model) -> bool:
     return True
 
 
-def compile_layers(model, cuda_graphs: bool = False) -> None:
+def compile_layers(model, cuda_graphs: bool = False, shapes: int = 8) -> None:
     """torch.compile each decoder layer; with ``cuda_graphs`` each compiled graph is replayed as one CUDA graph.
 
     A step of these layers is bound by the host launching kernels, not by the GPU: wide LoRA on an H100, 8 x 512
     tokens, took 0.235 s a step compiled with the checkpoint around each layer, 0.174 s with it inside, 0.089 s
     replayed as CUDA graphs (benchmarks/profile_step.py).
+
+    With CUDA graphs, rows are padded to one width and only their count varies (packing: up to ``shapes``, the
+    batch size): each count gets a static graph. A graph with a symbolic row count, which the compiler tries at
+    the second count, failed to compile for QLoRA on an H100 (inductor's partitioner: "Node add_714 was invalid,
+    but is output").
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Dynamo's DDP optimizer splits graphs compiled inside a DDP forward at gradient-bucket boundaries; for
         # per-layer graphs that gains no overlap and its split backward failed on 2 H200s (a tangent of the
         # wrong rank with wide LoRA). DDP then reduces each layer's gradients after its compiled backward.
         torch._dynamo.config.optimize_ddp = False
+    options = {"mode": "reduce-overhead", "dynamic": False} if cuda_graphs else {}
+    if cuda_graphs:  # the layers share their graphs (their weights are graph inputs): one entry per row count
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
     for layer in causal_lm(model).model.layers:
         trace_4bit_linears(layer)
         if getattr(layer, "gradient_checkpointing", False):
             recompute_inside(layer)
-        layer.compile(mode="reduce-overhead" if cuda_graphs else None)
+        layer.compile(**options)
 
 
 def recompute_inside(layer) -> None:
@@ -122,75 +130,7 @@ def _dequantized_forward(self, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.to(dtype), weight, bias).to(x.dtype)
 
 
-def fast_galore_8bit() -> None:
-    """Install ``galore_8bit_step`` as galore-torch's GaLoreAdamW8bit.step (idempotent)."""
-    import galore_torch
-
-    galore_torch.GaLoreAdamW8bit.step = galore_8bit_step
-
-
-@torch.no_grad()
-def galore_8bit_step(self, closure=None):
-    """galore-torch's GaLoreAdamW8bit.step, the same update without its two costs on a GPU.
-
-    Per weight, the original (1) synchronises the device after bitsandbytes' update, which a non-paged optimizer
-    on one stream does not need: layer-wise, that is ~340 host stalls a step, 0.2 s of a 0.29 s GaLore step on an
-    H100; and (2) replaces the weight's storage with a fresh copy (``p.data = p.saved_data.add_(...)``), which
-    costs a copy of each weight and makes CUDA graphs, which read weights where they were recorded, record anew
-    every step. Here the weight stays where it is and receives the projected-back update in place.
-    The algorithm is galore-torch's: project the gradient (GaLoreProjector), run bitsandbytes' 8-bit AdamW
-    step on a zero stand-in of the projected shape, project its result back onto the weight, then apply
-    decoupled weight decay to the full weight. benchmarks/galore_step.py checks it against the original.
-    """
-    from galore_torch.galore_projector import GaLoreProjector
-
-    loss = None
-    if closure is not None:
-        with torch.enable_grad():
-            loss = closure()
-    if not self.initialized:
-        self.check_overrides()
-        self.to_gpu()
-        self.initialized = True
-    for gindex, group in enumerate(self.param_groups):
-        for pindex, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            state.setdefault("step", 0)
-            if "rank" not in group:  # a weight outside GaLore's targets: plain 8-bit AdamW
-                if "state1" not in state:
-                    self.init_state(group, p, gindex, pindex)
-                self.prefetch_state(p)
-                self.update_step(group, p, gindex, pindex)
-                continue
-            if "projector" not in state:
-                state["projector"] = GaLoreProjector(group["rank"], update_proj_gap=group["update_proj_gap"],
-                                                     scale=group["scale"], proj_type=group["proj_type"])
-            decay = group.get("weight_decay", 0.0)
-            group["weight_decay"] = 0.0  # not on the low-rank stand-in: on the full weight, below
-            weight = p.data
-            grad = state["projector"].project(p.grad, state["step"])
-            p.data = torch.zeros_like(grad, dtype=weight.dtype)
-            p.grad = grad
-            try:
-                if "state1" not in state:
-                    self.init_state(group, p, gindex, pindex)
-                self.prefetch_state(p)
-                self.update_step(group, p, gindex, pindex)
-                update = p.data
-            finally:
-                p.data = weight
-                group["weight_decay"] = decay
-            weight.add_(state["projector"].project_back(update))
-            if decay > 0:
-                weight.add_(weight, alpha=-group["lr"] * decay)
-    if self.is_paged:
-        torch.cuda.synchronize()  # paged state moves asynchronously
-    return loss
-
-
-def speed_up(model, *, kernels: str, compile: str, cuda: bool, cuda_graphs: str = "off") -> list[str]:
+def speed_up(model, *, kernels: str, compile: str, cuda: bool, cuda_graphs: str = "off", shapes: int = 8) -> list[str]:
     """Apply the levers the settings ask for; return the names of those applied (recorded in the metrics)."""
     applied = ["fused_linear_cross_entropy"]
     compiled = wanted(compile, cuda)
@@ -201,7 +141,7 @@ def speed_up(model, *, kernels: str, compile: str, cuda: bool, cuda_graphs: str 
         applied.append("liger_kernels")
     if compiled:
         graphs = cuda and wanted(cuda_graphs, cuda)
-        compile_layers(model, graphs)
+        compile_layers(model, graphs, shapes)
         applied.append("compiled_layers")
         if graphs:
             applied.append("cuda_graphs")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ftstudy import distributed, fastpath
+from ftstudy import distributed, fastpath, galore
 from ftstudy.atomic import atomic_dir, read_jsonl, sha256_file, write_json
 from ftstudy.errors import UserError
 from ftstudy.loss import causal_lm, completion_loss
@@ -31,6 +31,7 @@ from ftstudy.prompt import IGNORE_INDEX, tokenize_example
 
 METHODS = ("qlora", "galore", "lora_wide", "sequential_ensemble")
 EIGHT_BIT_OPTIMIZERS = ("galore_adamw_8bit", "galore_adamw_8bit_layerwise")
+LAYERWISE_OPTIMIZERS = ("galore_adamw_layerwise", "galore_adamw_8bit_layerwise")
 
 
 @dataclass(frozen=True)
@@ -266,10 +267,15 @@ def prepare_model(spec: MethodSpec, params: Params, base_dir: Path, models_dir: 
     # (cudagraph trees refuse: "accessing tensor output of CUDAGraphs that has been overwritten").
     graphs = "off" if t.grad_accum > 1 and t.cuda_graphs == "auto" else t.cuda_graphs
     cuda = torch.cuda.is_available()
-    levers = fastpath.speed_up(model, kernels=t.kernels, compile=compile, cuda=cuda, cuda_graphs=graphs)
-    if cuda and spec.optimizer in EIGHT_BIT_OPTIMIZERS:
-        fastpath.fast_galore_8bit()
-        levers.append("galore_8bit_in_place")
+    levers = fastpath.speed_up(model, kernels=t.kernels, compile=compile, cuda=cuda, cuda_graphs=graphs,
+                               shapes=t.batch_size)
+    if spec.optimizer in EIGHT_BIT_OPTIMIZERS:
+        galore.fix_8bit_arguments()  # a correction, not a lever: without it the norms never train
+        if cuda:
+            galore.fast_galore_8bit()
+            levers.append("galore_8bit_in_place")
+            if spec.optimizer in LAYERWISE_OPTIMIZERS:
+                levers.append("galore_8bit_batched")  # CompletionTrainer.create_optimizer builds it
     return model, levers
 
 
@@ -413,6 +419,12 @@ def completion_trainer_class():
             if self.args.bf16 and torch.cuda.is_available():
                 return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache_enabled)
             return super().autocast_smart_context_manager(cache_enabled)
+
+        def create_optimizer(self, model=None):
+            # transformers' own layer-wise GaLore never sees the learning-rate schedule (ftstudy.galore)
+            if self.optimizer is None and self.args.optim in LAYERWISE_OPTIMIZERS:
+                self.optimizer = galore.LayerwiseGaLore.from_trainer_args(model or self.model, self.args)
+            return super().create_optimizer(model)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # Packed batches carry their token count (their padding has no attention mask); padded ones a mask.

@@ -1,0 +1,169 @@
+"""ftstudy.galore against galore-torch and transformers, weight for weight, on CPU: bitsandbytes' 8-bit and
+32-bit AdamW updates run there; galore-torch's per-weight device sync needs CUDA, so it gets a no-op sync."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ftstudy import galore
+from ftstudy.galore import LayerwiseGaLore
+from ftstudy.training import galore_target_patterns
+
+pytest.importorskip("galore_torch")
+pytest.importorskip("bitsandbytes")
+
+STEPS = 5
+
+
+def _run(model, optim: str, loss_fn, tmp_path, target_modules, rank: int, rates=None):
+    """STEPS steps as the Trainer takes them. Without ``rates``: the project's optimizer with the Trainer's
+    warm-up-then-linear scheduler; with them: transformers' layer-wise optimizer, each of its per-weight
+    optimizers given that rate at each step (what its per-weight schedulers are meant to do)."""
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path / optim), optim=optim, optim_target_modules=target_modules,
+                             optim_args=f"rank={rank},update_proj_gap=2,scale=0.25", learning_rate=1e-2,
+                             lr_scheduler_type="linear", warmup_steps=2, max_steps=STEPS, use_cpu=True,
+                             report_to="none")
+    trainer = Trainer(model=model, args=args)
+    if rates is None:
+        trainer.optimizer = LayerwiseGaLore.from_trainer_args(model, args)
+        trainer.create_optimizer_and_scheduler(num_training_steps=STEPS)
+    else:
+        trainer.create_optimizer()
+    used, left = [], []
+    for step in range(STEPS):
+        if rates is not None:
+            for opt in trainer.optimizer.optimizer_dict.values():
+                opt.param_groups[0]["lr"] = rates[step]
+        used.append(trainer.optimizer.param_groups[0]["lr"])
+        loss_fn(model, step).backward()
+        left.append([n for n, p in model.named_parameters() if p.grad is not None])
+        trainer.optimizer.step()
+        if rates is None:
+            trainer.lr_scheduler.step()
+        trainer.optimizer.zero_grad()
+    return trainer.optimizer, used, left
+
+
+@pytest.mark.parametrize("optim", ["galore_adamw_8bit_layerwise", "galore_adamw_layerwise"])
+def test_same_weights_as_transformers_layerwise_galore_on_the_schedule(optim, tiny_model_dir, monkeypatch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    galore.fix_8bit_arguments()  # for transformers' optimizers too (ours applies it itself)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(3, 200, (2, 24), generator=g) for _ in range(STEPS)]
+
+    def loss_fn(model, step):
+        return model(input_ids=batches[step], labels=batches[step]).loss
+
+    targets = galore_target_patterns(["self_attn", "mlp"])
+    init = {n: p.detach().clone() for n, p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters()}
+    ours = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    opt, rates, left = _run(ours, optim, loss_fn, tmp_path / "ours", targets, rank=64)
+    assert rates == pytest.approx([0.0, 5e-3, 1e-2, 2e-2 / 3, 1e-2 / 3])  # warm-up, then linear decay
+    assert left == [[]] * STEPS  # every gradient was consumed during the backward, as layer-wise does
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    _run(hf, optim, loss_fn, tmp_path / "hf", targets, rank=64, rates=rates)
+    if "8bit" in optim:
+        kinds = {(b.galore, b.eight_bit) for b in opt.buckets}
+        assert kinds == {(True, True), (True, False), (False, False)}  # 8-bit and 32-bit GaLore states, norms
+        assert len(opt.single) == 1  # the (tied) embedding, stepped in its hook
+    theirs = dict(hf.named_parameters())
+    for name, w in ours.named_parameters():
+        assert torch.equal(w, theirs[name]), name
+        assert not torch.equal(w, init[name]), name  # and everything was trained
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(96, 64, bias=False)
+        self.b = nn.Linear(64, 96, bias=False)
+        self.norm = nn.Parameter(torch.ones(64))
+        self.other = nn.Parameter(torch.ones(32))
+
+
+def test_a_weight_without_gradient_keeps_its_own_step_count(monkeypatch, tmp_path):
+    """Where a step leaves some weights without gradient, each weight's Adam step count still matches its own
+    optimizer's in the layer-wise original (per-weight updates instead of the one batched call)."""
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    galore.fix_8bit_arguments()
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(4, 96, generator=g) for _ in range(STEPS)]
+
+    def loss_fn(net, step):
+        h = net.a(xs[step]) * net.norm
+        loss = net.b(h).pow(2).mean()
+        if step % 2:  # `other` and `b` miss alternate steps
+            loss = (h.pow(2).mean() + net.other.sum())
+        return loss
+
+    torch.manual_seed(0)
+    init = _Net().state_dict()
+    ours, hf = _Net(), _Net()
+    ours.load_state_dict(init)
+    hf.load_state_dict(init)
+    opt, rates, _ = _run(ours, "galore_adamw_8bit_layerwise", loss_fn, tmp_path / "ours", [r"^a$", r"^b$"], rank=8)
+    _run(hf, "galore_adamw_8bit_layerwise", loss_fn, tmp_path / "hf", [r"^a$", r"^b$"], rank=8, rates=rates)
+    assert [b.steps for b in opt.buckets if b.galore] == [[STEPS, (STEPS + 1) // 2]]
+    theirs = hf.state_dict()
+    for name, w in ours.state_dict().items():
+        assert torch.equal(w, theirs[name]), name
+
+
+def test_galore_torch_8bit_trains_the_norms_only_with_its_arguments_bound_by_name(monkeypatch):
+    """galore-torch 1.0 + bitsandbytes 0.50: positional arguments put 100 in max_unorm, which zeroes every update of
+    a weight with 32-bit states (below 4096 values: Gemma's norms)."""
+    import galore_torch
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    cls = galore_torch.GaLoreAdamW8bit
+    monkeypatch.setattr(cls, "__init__", getattr(cls.__init__, "original", cls.__init__))  # as installed
+
+    def norm_moves() -> bool:
+        p = nn.Parameter(torch.zeros(64))
+        opt = cls([p], lr=1e-2)
+        p.grad = torch.randn(64)
+        opt.step()
+        return bool(p.abs().max() > 0)
+
+    assert galore.fix_8bit_arguments(), "bitsandbytes has percentile_clipping again: this fix may be obsolete"
+    fixed = norm_moves()
+    monkeypatch.setattr(cls, "__init__", cls.__init__.original)
+    assert (norm_moves(), fixed) == (False, True)
+
+
+def test_galore_8bit_step_is_galore_torchs_update_with_weights_kept_in_place(monkeypatch):
+    """Same weights as galore-torch's own step over reprojections and weight decay, without moving any weight
+    (CUDA graphs read weights where they were recorded). bitsandbytes' 8-bit update runs on CPU too; only
+    galore-torch's device sync needs CUDA, so the original gets a no-op sync here."""
+    import galore_torch
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    torch.manual_seed(0)
+    init = [torch.randn(256, 512) * 0.02, torch.randn(512, 256) * 0.02, torch.ones(300)]
+    finals, moved, states = [], [], []
+    for step_fn in (galore_torch.GaLoreAdamW8bit.step, galore.galore_8bit_step):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = galore_torch.GaLoreAdamW8bit([{"params": params[2:]},  # outside GaLore's targets: plain 8-bit AdamW
+                                            {"params": params[:2], "rank": 32, "update_proj_gap": 2, "scale": 0.25,
+                                             "proj_type": "std"}], lr=1e-2, weight_decay=0.1)
+        ptrs = [q.data_ptr() for q in params]
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for q in params:
+                q.grad = torch.randn(q.shape, generator=g)
+            step_fn(opt)
+        finals.append(params)
+        moved.append([q.data_ptr() != ptr for q, ptr in zip(params, ptrs, strict=True)])
+        states.append(opt.state[params[0]]["state1"].dtype)
+    assert states == [torch.uint8, torch.uint8]  # the 8-bit path was exercised
+    assert moved[0][:2] == [True, True]  # galore-torch moves the projected weights every step ...
+    assert moved[1] == [False, False, False]  # ... the project's step never does
+    for a, b, t in zip(*finals, init, strict=True):
+        assert torch.equal(a, b)
+        assert not torch.equal(a, t)  # and the weights did change
