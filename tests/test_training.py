@@ -202,6 +202,19 @@ def test_galore_trains_every_parameter(workdir, tiny_model_dir):
     assert m["peak_memory_gb"] > 0 and m["tokens_per_s"] > 0
 
 
+def test_layerwise_galore_follows_the_learning_rate_schedule(workdir, tiny_model_dir):
+    """One step at the start of a warm-up has a learning rate of 0: nothing may change. transformers' own
+    layer-wise GaLore ignored the schedule and took that step at the peak rate (ftstudy.galore)."""
+    from safetensors.torch import load_file
+
+    params = _tiny_params(tiny_model_dir, train_galore=GaloreParams(rank=4, max_steps=1, learning_rate=1e-2))
+    params = dataclasses.replace(params, train=dataclasses.replace(params.train, warmup_steps=1))
+    _train(workdir, params, "galore")
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after = load_file(workdir / "models/galore/model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_keep_activations_exempts_the_last_layers_from_checkpointing(tiny_model_dir):
     from ftstudy.loss import causal_lm
     from ftstudy.training import prepare_model
