@@ -77,14 +77,11 @@ class _Bucket:
         self.steps = [0] * len(self.members)
         self.view = {id(p): (i, self.g[o:o + s.numel()].view(s)) for i, (p, o, s) in enumerate(self.members)}
 
-    def update(self, lr: float, weight_decay: float, got: set, batched: bool | None = None) -> None:
-        """One bitsandbytes call over the buffers, or one per weight: where some weight had no gradient this
-        step, and by default for 32-bit states on a CPU, where bitsandbytes' update is torch arithmetic whose
-        vectorised loops round the tail of a tensor differently from its body (last bits only)."""
+    def update(self, lr: float, weight_decay: float, got: set) -> None:
+        """One bitsandbytes call over the buffers; one per weight where some weight had no gradient this step
+        (each weight's Adam step count is its own, as with one optimizer per weight)."""
         ids = [i for i, (p, _, _) in enumerate(self.members) if id(p) in got]
-        if batched is None:
-            batched = self.eight_bit or self.g.is_cuda
-        if batched and len(ids) == len(self.members) and len(set(self.steps)) == 1:
+        if len(ids) == len(self.members) and len(set(self.steps)) == 1:
             self._call(slice(0, self.size), self.steps[0] + 1, lr, weight_decay)
         else:
             for i in ids:
