@@ -102,7 +102,7 @@ def test_4bit_linears_run_as_dequantize_and_linear_with_bitsandbytes_numbers(tin
 
 def test_cuda_graph_settings_and_their_refusals(monkeypatch):
     seen = []
-    monkeypatch.setattr(fastpath, "compile_layers", lambda model, graphs=False: seen.append(graphs))
+    monkeypatch.setattr(fastpath, "compile_layers", lambda model, graphs=False, shapes=8: seen.append(graphs))
     base = ["fused_linear_cross_entropy", "compiled_layers"]
     assert fastpath.speed_up(None, kernels="auto", compile="auto", cuda=True, cuda_graphs="auto") == [*base, "cuda_graphs"]
     assert fastpath.speed_up(None, kernels="auto", compile="auto", cuda=True, cuda_graphs="off") == base

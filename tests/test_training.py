@@ -124,7 +124,7 @@ def test_kernels_auto_leaves_liger_out_of_compiled_layers(monkeypatch):
     from ftstudy import fastpath
 
     monkeypatch.setattr(fastpath, "apply_kernels", lambda model: True)
-    monkeypatch.setattr(fastpath, "compile_layers", lambda model, graphs=False: None)
+    monkeypatch.setattr(fastpath, "compile_layers", lambda model, graphs=False, shapes=8: None)
     base = ["fused_linear_cross_entropy"]
     assert fastpath.speed_up(None, kernels="auto", compile="auto", cuda=True) == [*base, "compiled_layers"]
     assert fastpath.speed_up(None, kernels="auto", compile="off", cuda=True) == [*base, "liger_kernels"]
