@@ -10,8 +10,9 @@ on; the levers here are switched by ``train.kernels``, ``train.compile`` and ``t
   4-bit linears in traceable ops, so that the compiler recomputes them;
 - CUDA graphs for those compiled layers: a step at 8 x 512 tokens is bound by kernel launches, not the GPU;
 - Liger's Triton kernels for Gemma 3's RMSNorm, rotary embedding and GeGLU MLP where layers are not compiled;
-- a fused AdamW (one kernel for all LoRA tensors instead of several per tensor), and galore-torch's 8-bit
-  step without its per-weight device sync and weight copies.
+- a fused AdamW (one kernel for all LoRA tensors instead of several per tensor).
+
+GaLore's optimizer levers (its 8-bit step in place, the batched layer-wise optimizer) are in ftstudy.galore.
 """
 
 from __future__ import annotations

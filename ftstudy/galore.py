@@ -56,10 +56,14 @@ class _Bucket:
     members: list = field(default_factory=list)  # (param, offset, shape of what is updated)
     size: int = 0
 
-    def add(self, param, shape: torch.Size) -> None:
+    def span(self, shape: torch.Size) -> int:
+        """Buffer length a weight takes: in 8 bits whole blocks, so that every weight starts a block."""
         n = shape.numel()
+        return -(-n // BLOCK) * BLOCK if self.eight_bit else n
+
+    def add(self, param, shape: torch.Size) -> None:
         self.members.append((param, self.size, shape))
-        self.size += -(-n // BLOCK) * BLOCK if self.eight_bit else n  # 8-bit: every weight starts a block
+        self.size += self.span(shape)
 
     def allocate(self, device) -> None:
         from bitsandbytes import functional as bnbf
@@ -77,17 +81,16 @@ class _Bucket:
         self.steps = [0] * len(self.members)
         self.view = {id(p): (i, self.g[o:o + s.numel()].view(s)) for i, (p, o, s) in enumerate(self.members)}
 
-    def update(self, lr: float, weight_decay: float, got: set) -> None:
-        """One bitsandbytes call over the buffers; one per weight where some weight had no gradient this step
-        (each weight's Adam step count is its own, as with one optimizer per weight)."""
-        ids = [i for i, (p, _, _) in enumerate(self.members) if id(p) in got]
+    def update(self, lr: float, weight_decay: float, ids: list[int]) -> None:
+        """One bitsandbytes call over the buffers for the members ``ids`` (those with a gradient this step); one
+        per weight where some weight had none (each weight's Adam step count is its own, as with one optimizer
+        per weight)."""
         if len(ids) == len(self.members) and len(set(self.steps)) == 1:
             self._call(slice(0, self.size), self.steps[0] + 1, lr, weight_decay)
         else:
             for i in ids:
                 _, o, s = self.members[i]
-                end = o + (-(-s.numel() // BLOCK) * BLOCK if self.eight_bit else s.numel())
-                self._call(slice(o, end), self.steps[i] + 1, lr, weight_decay)
+                self._call(slice(o, o + self.span(s)), self.steps[i] + 1, lr, weight_decay)
         for i in ids:
             self.steps[i] += 1
 
@@ -302,20 +305,21 @@ class LayerwiseGaLore(torch.optim.Optimizer):
                 loss = closure()
         lr = self.param_groups[0]["lr"]
         for b in self.buckets:
-            got = [(i, m) for i, m in enumerate(b.members) if id(m[0]) in self._got]
+            ids = [i for i, (p, _, _) in enumerate(b.members) if id(p) in self._got]
+            got = [b.members[i] for i in ids]
             if not got:
                 continue
             if b.galore:
                 b.p.zero_()  # zero stand-ins: the kernel writes the low-rank update into them
-                b.update(lr, 0.0, self._got)
-                for _, (p, o, s) in got:
+                b.update(lr, 0.0, ids)
+                for p, o, s in got:
                     p.add_(self.projectors[p].project_back(b.p[o:o + s.numel()].view(s)))
                     p.add_(p, alpha=-lr * WEIGHT_DECAY)
             else:
-                params = [p for _, (p, _, _) in got]
-                flat = [b.p[o:o + s.numel()].view(s) for _, (_, o, s) in got]
+                params = [p for p, _, _ in got]
+                flat = [b.p[o:o + s.numel()].view(s) for _, o, s in got]
                 torch._foreach_copy_(flat, params)
-                b.update(lr, WEIGHT_DECAY, self._got)
+                b.update(lr, WEIGHT_DECAY, ids)
                 torch._foreach_copy_(params, flat)
         self._got.clear()
         return loss
