@@ -19,13 +19,16 @@ from pathlib import Path
 
 import torch
 
-from ftstudy import synthetic
-from ftstudy.arch import GEMMA3_1B
-from ftstudy.atomic import write_json, write_jsonl
-from ftstudy.models import tiny_config, train_tiny_tokenizer
-from ftstudy.params import Params, TinyModelParams
-from ftstudy.sources import convert_rows
-from ftstudy.training import METHODS, method_spec, train
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ftstudy import synthetic  # noqa: E402
+from ftstudy.arch import GEMMA3_1B  # noqa: E402
+from ftstudy.atomic import write_json, write_jsonl  # noqa: E402
+from ftstudy.models import tiny_config, train_tiny_tokenizer  # noqa: E402
+from ftstudy.params import Params, TinyModelParams  # noqa: E402
+from ftstudy.sources import convert_rows  # noqa: E402
+from ftstudy.training import METHODS, method_spec, train  # noqa: E402
 
 
 def build_base(arch: str, out: Path) -> None:
@@ -70,19 +73,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seq-len", type=int, default=512, help="train.max_seq_len (rows are packed to it)")
+    parser.add_argument("--join", type=int, default=1,
+                        help="generated rows joined into one example (~33 tokens each): 1 = short instruction rows")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="train.compile")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
 
     work = Path(tempfile.mkdtemp(prefix="train_methods_"))
     build_base(args.arch, work / "models" / "base")
-    write_train_data(work / "train.jsonl")
+    write_train_data(work / "train.jsonl", join=args.join)
 
     p = Params()
     galore_opt = "galore_adamw_8bit_layerwise" if cuda else "galore_adamw_layerwise"
     p = dataclasses.replace(
         p, train=dataclasses.replace(p.train, batch_size=args.batch, save_steps=10**6, warmup_steps=0,
+                                     max_seq_len=args.seq_len, compile=args.compile,
+                                     cuda_graphs="off" if args.compile == "off" else "auto", max_prompt_tokens=args.seq_len * 3 // 4,
                                      progress_bar=False, gradient_checkpointing=args.gradient_checkpointing),
         train_galore=dataclasses.replace(p.train_galore, optimizer=galore_opt, max_steps=args.steps),
         train_sequential_ensemble=dataclasses.replace(p.train_sequential_ensemble, optimizer=galore_opt,
@@ -105,10 +114,12 @@ def main() -> None:
         results.append(m)
         print(json.dumps(m), flush=True)
 
-    print(f"\n{'method':22} {'optimizer':30} {'steps':>5} {'tokens/s':>10} {'peak GB':>8} {'loss':>8}")
+    print(f"\n{'method':20} {'optimizer':28} {'steps':>5} {'tokens/s':>9} {'steady':>9} {'shapes':>6} "
+          f"{'peak GB':>8} {'loss':>8}  one-off seconds")
     for m in results:
-        print(f"{m['method']:22} {m['optimizer']:30} {m['steps']:>5} {m['tokens_per_s']:>10.0f} "
-              f"{m['peak_memory_gb']:>8.2f} {m['final_train_loss']:>8.3f}")
+        print(f"{m['method']:20} {m['optimizer']:28} {m['steps']:>5} {m['tokens_per_s']:>9.0f} "
+              f"{m['steady_tokens_per_s'] or float('nan'):>9.0f} {m['batch_shapes']:>6} {m['peak_memory_gb']:>8.2f} "
+              f"{m['final_train_loss']:>8.3f}  {m['one_off_seconds']}")
     if args.out:
         write_json(args.out, results)
 

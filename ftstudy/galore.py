@@ -29,14 +29,17 @@ one call per weight computes; weights below bitsandbytes' 8-bit threshold keep 3
 in the kernel for plain weights and on the full weight after projecting back for GaLore weights; galore-torch's
 defaults (betas, eps, weight decay 0.01) are kept, since transformers passes only the learning rate.
 ``tests/test_galore.py`` checks the weights equal, bit for bit, those of transformers' layer-wise optimizers
-given the same rate at every step.
+given the same rate at every step and the same projector (below).
 
-Like transformers' layer-wise optimizers, the state is not in the Trainer's checkpoints (a resumed run restarts
-the moments) and gradient accumulation is refused.
+Unlike transformers' layer-wise optimizers, the state (moments, step counts, projections) is in the Trainer's
+checkpoints, so a resumed run continues the interrupted one. Like them, gradient accumulation is refused, and
+gradients are not clipped: each weight is updated in its hook, before the global norm of the step's gradients
+exists. ``grad_norm()`` measures that norm, which the training loop logs.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -55,6 +58,7 @@ class _Bucket:
     dtype: torch.dtype
     members: list = field(default_factory=list)  # (param, offset, shape of what is updated)
     size: int = 0
+    STATE = ("state1", "state2", "absmax1", "absmax2")  # what a checkpoint keeps (with the step counts)
 
     def span(self, shape: torch.Size) -> int:
         """Buffer length a weight takes: in 8 bits whole blocks, so that every weight starts a block."""
@@ -106,6 +110,50 @@ class _Bucket:
         else:
             bnbf.optimizer_update_32bit("adam", g, p, self.state1[sl], b1, EPS, step, lr, self.state2[sl], b2,
                                         0.0, 0.0, weight_decay)
+
+
+def top_singular_vectors(matrix: torch.Tensor, rank: int, side: str) -> torch.Tensor:
+    """The top-``rank`` right (``side="right"``: rows, like ``Vh[:rank]``) or left (columns, like ``U[:, :rank]``)
+    singular vectors of ``matrix``, from the eigenvectors of its Gram matrix on that side, in float64.
+
+    What galore-torch's projector takes from a full ``torch.linalg.svd``, without that SVD. On an H200 the Gram
+    matrix of the smaller side (at most 1,152 x 1,152 on Gemma 3 1B) and its symmetric eigen-decomposition took
+    13 ms for a 6,912 x 1,152 gradient against 72 ms for torch's default SVD (benchmarks/galore_svd.py), full
+    rank or not; float64 keeps the squared spread of singular values exact enough. Singular vectors are defined
+    up to sign (and, for equal singular values, up to rotation), as with any SVD solver. A gradient with NaN or
+    inf values is refused with a clear error (cuSOLVER's SVD iterates on one for minutes).
+    """
+    a = matrix.double()
+    gram = a.T @ a if side == "right" else a @ a.T
+    if not torch.isfinite(gram).all():  # one sync per projection, which recurs every update_proj_gap steps
+        raise FloatingPointError(
+            f"GaLore: a gradient of shape {tuple(matrix.shape)} has NaN or inf values, so it has no projection; the "
+            f"run diverged (try a lower learning rate or train.warmup_steps) or the forward/backward is broken "
+            f"(retry with train.compile=off to rule out the compiled layers)")
+    _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
+    top = vectors[:, -min(rank, gram.shape[0]):].flip(-1).float()
+    return top.T.contiguous() if side == "right" else top.contiguous()
+
+
+@functools.cache
+def _projector_class():
+    from galore_torch.galore_projector import GaLoreProjector
+
+    class Projector(GaLoreProjector):
+        """galore-torch's projector with its basis from :func:`top_singular_vectors` instead of a full SVD."""
+
+        def get_orthogonal_matrix(self, weights, rank, type):
+            if type not in ("right", "left"):
+                return super().get_orthogonal_matrix(weights, rank, type)
+            dtype = weights.dtype
+            return top_singular_vectors(weights.data, rank, type).to(dtype)
+
+    return Projector
+
+
+def projector(rank: int, update_proj_gap: int, scale: float, proj_type: str = "std"):
+    """A GaLore projector for one weight (galore-torch's, with :func:`top_singular_vectors`)."""
+    return _projector_class()(rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type)
 
 
 def fix_8bit_arguments() -> bool:
@@ -160,8 +208,6 @@ def galore_8bit_step(self, closure=None):
     step on a zero stand-in of the projected shape, project its result back onto the weight, then apply
     decoupled weight decay to the full weight. benchmarks/galore_step.py checks it against the original.
     """
-    from galore_torch.galore_projector import GaLoreProjector
-
     loss = None
     if closure is not None:
         with torch.enable_grad():
@@ -183,8 +229,8 @@ def galore_8bit_step(self, closure=None):
                 self.update_step(group, p, gindex, pindex)
                 continue
             if "projector" not in state:
-                state["projector"] = GaLoreProjector(group["rank"], update_proj_gap=group["update_proj_gap"],
-                                                     scale=group["scale"], proj_type=group["proj_type"])
+                state["projector"] = projector(group["rank"], group["update_proj_gap"], group["scale"],
+                                               group["proj_type"])
             decay = group.get("weight_decay", 0.0)
             group["weight_decay"] = 0.0  # not on the low-rank stand-in: on the full weight, below
             weight = p.data
@@ -218,7 +264,6 @@ class LayerwiseGaLore(torch.optim.Optimizer):
     def __init__(self, model, target_names: set[str], *, eight_bit: bool, lr: float, rank: int,
                  update_proj_gap: int, scale: float, proj_type: str = "std"):
         from galore_torch import GaLoreAdamW, GaLoreAdamW8bit
-        from galore_torch.galore_projector import GaLoreProjector
 
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         super().__init__([p for _, p in named], {"lr": lr})
@@ -230,10 +275,10 @@ class LayerwiseGaLore(torch.optim.Optimizer):
             target = name in target_names
             if not eight_bit:
                 self.single[p] = GaLoreAdamW([{"params": [p], **(galore if target else {})}], lr=lr)
+                _seed_projector(self.single[p], p)
                 continue
             if target:
-                self.projectors[p] = GaLoreProjector(rank, update_proj_gap=update_proj_gap, scale=scale,
-                                                     proj_type=proj_type)
+                self.projectors[p] = projector(rank, update_proj_gap, scale, proj_type)
                 shape = self._projected_shape(p, rank, proj_type)
             else:
                 shape = p.shape
@@ -247,6 +292,7 @@ class LayerwiseGaLore(torch.optim.Optimizer):
             b.allocate(b.members[0][0].device)
         self.slot = {pid: (b, i, view) for b in self.buckets for pid, (i, view) in b.view.items()}
         self._got: set[int] = set()
+        self._sq_norm = torch.zeros((), dtype=torch.float32, device=named[0][1].device)
         self.handles = [p.register_post_accumulate_grad_hook(self._hook) for _, p in named]
 
     @staticmethod
@@ -281,6 +327,8 @@ class LayerwiseGaLore(torch.optim.Optimizer):
     def _hook(self, p) -> None:
         if p.grad is None:
             return
+        # On the device (no sync per weight), reduced in fp32 without an fp32 copy of the gradient.
+        self._sq_norm += torch.linalg.vector_norm(p.grad, dtype=torch.float32).square()
         lr = self.param_groups[0]["lr"]
         if p in self.single:
             opt = self.single[p]
@@ -322,4 +370,62 @@ class LayerwiseGaLore(torch.optim.Optimizer):
                 b.update(lr, WEIGHT_DECAY, ids)
                 torch._foreach_copy_(params, flat)
         self._got.clear()
+        self._sq_norm.zero_()
         return loss
+
+    def grad_norm(self) -> torch.Tensor:
+        """The global L2 norm of this step's gradients (before any update; none is clipped), read between the
+        backward and ``step()``."""
+        return self._sq_norm.sqrt()
+
+    # The Trainer saves ``state_dict()`` in each checkpoint and loads it on resume: the moments, the step counts
+    # and the projections live in the buckets, the projectors and the per-weight optimizers, so they go in it.
+    def state_dict(self):
+        index = {p: i for i, p in enumerate(self.param_groups[0]["params"])}
+        sd = super().state_dict()
+        sd["layerwise"] = {
+            "buckets": [{k: getattr(b, k) for k in b.STATE if hasattr(b, k)} | {"steps": list(b.steps)}
+                        for b in self.buckets],
+            "projections": {index[p]: proj.ortho_matrix for p, proj in self.projectors.items()
+                            if proj.ortho_matrix is not None},
+            "single": {index[p]: _portable(opt.state_dict()) for p, opt in self.single.items()},
+        }
+        return sd
+
+    def load_state_dict(self, state_dict) -> None:
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("layerwise")
+        super().load_state_dict(state_dict)
+        params = self.param_groups[0]["params"]
+        for b, got in zip(self.buckets, saved["buckets"], strict=True):
+            b.steps = list(got["steps"])
+            for k in b.STATE:
+                if k in got:
+                    getattr(b, k).copy_(got[k])
+        for i, matrix in saved["projections"].items():
+            p = params[i]
+            self.projectors[p].ortho_matrix = matrix.to(p.device, p.dtype)
+        for i, sd in saved["single"].items():
+            p = params[i]
+            opt = self.single[p]
+            matrix = sd["state"].get(0, {}).get("projector")
+            sd = {**sd, "state": {k: {n: v for n, v in st.items() if n != "projector"} for k, st in sd["state"].items()}}
+            opt.load_state_dict(sd)  # replaces the whole state, projector included
+            _seed_projector(opt, p, matrix)
+
+
+def _seed_projector(opt, p, matrix: torch.Tensor | None = None) -> None:
+    """Give a per-weight galore-torch optimizer of a GaLore target the project's projector (galore-torch makes its
+    own only where the state has none), holding ``matrix`` where a checkpoint saved one."""
+    g = opt.param_groups[0]
+    if "rank" in g:
+        opt.state[p]["projector"] = projector(g["rank"], g["update_proj_gap"], g["scale"], g["proj_type"])
+        if matrix is not None:
+            opt.state[p]["projector"].ortho_matrix = matrix.to(p.device, p.dtype)
+
+
+def _portable(state_dict: dict) -> dict:
+    """A per-weight optimizer's state with its projector object as the projection matrix it holds (checkpoints
+    are loaded with ``weights_only``, which takes tensors and plain values only)."""
+    return {**state_dict, "state": {k: {n: (v.ortho_matrix if n == "projector" else v) for n, v in st.items()}
+                                    for k, st in state_dict["state"].items()}}

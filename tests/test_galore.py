@@ -17,6 +17,60 @@ pytest.importorskip("bitsandbytes")
 STEPS = 5
 
 
+@pytest.fixture(autouse=True)
+def same_projector(monkeypatch):
+    """The references (galore-torch's optimizers, and transformers' built from them) take their basis from the
+    project's projector, so that these tests compare everything but the basis, bit for bit; the basis itself is
+    compared with galore-torch's SVD in test_basis_is_the_svds_top_subspace."""
+    import galore_torch.adamw
+    import galore_torch.adamw8bit
+
+    for module in (galore_torch.adamw, galore_torch.adamw8bit):
+        monkeypatch.setattr(module, "GaLoreProjector", galore._projector_class())
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (64, 96)])
+@pytest.mark.parametrize("data_rank", [None, 12])  # full rank, and the rank-deficient gradient of a short batch
+def test_basis_is_the_svds_top_subspace(shape, data_rank):
+    """The projector's basis spans what galore-torch's SVD keeps: the same projection of any gradient."""
+    from galore_torch.galore_projector import GaLoreProjector
+
+    g = torch.Generator().manual_seed(0)
+    m, n = shape
+    scale = torch.logspace(0, -3, min(m, n))  # distinct singular values: a unique top subspace
+    u, _ = torch.linalg.qr(torch.randn(m, min(m, n), generator=g))
+    v, _ = torch.linalg.qr(torch.randn(n, min(m, n), generator=g))
+    if data_rank is not None:
+        scale[data_rank:] = 0
+    grad = (u * scale) @ v.T
+    rank = 8
+    for proj_type in ("std", "reverse_std"):
+        ours = galore.projector(rank, 200, 1.0, proj_type)
+        svd = GaLoreProjector(rank, update_proj_gap=200, scale=1.0, proj_type=proj_type)
+        low_ours, low_svd = ours.project(grad, 0), svd.project(grad, 0)
+        assert low_ours.shape == low_svd.shape
+        torch.testing.assert_close(ours.project_back(low_ours), svd.project_back(low_svd), atol=1e-5, rtol=1e-4)
+        basis = ours.ortho_matrix
+        eye = basis @ basis.T if basis.shape[0] == rank else basis.T @ basis
+        torch.testing.assert_close(eye, torch.eye(rank), atol=1e-5, rtol=0)  # orthonormal
+
+
+def test_a_non_finite_gradient_is_refused_with_a_clear_error_instead_of_an_endless_svd():
+    grad = torch.randn(64, 48)
+    grad[3, 5] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN or inf.*train.compile=off"):
+        galore.projector(8, 200, 0.25).project(grad, 0)
+
+
+def test_basis_of_a_gradient_of_lower_rank_than_asked_is_still_orthonormal():
+    """A batch of fewer tokens than GaLore's rank: the basis still has ``rank`` orthonormal vectors."""
+    g = torch.Generator().manual_seed(0)
+    grad = torch.randn(64, 3, generator=g) @ torch.randn(3, 48, generator=g)
+    basis = galore.top_singular_vectors(grad, 16, "right")
+    assert basis.shape == (16, 48)
+    torch.testing.assert_close(basis @ basis.T, torch.eye(16), atol=1e-5, rtol=0)
+
+
 def _run(model, optim: str, loss_fn, tmp_path, target_modules, rank: int, rates=None):
     """STEPS steps as the Trainer takes them. Without ``rates``: the project's optimizer with the Trainer's
     warm-up-then-linear scheduler; with them: transformers' layer-wise optimizer, each of its per-weight
@@ -113,6 +167,63 @@ def test_a_weight_without_gradient_keeps_its_own_step_count(monkeypatch, tmp_pat
     theirs = hf.state_dict()
     for name, w in ours.state_dict().items():
         assert torch.equal(w, theirs[name]), name
+
+
+@pytest.mark.parametrize("optim", ["galore_adamw_8bit_layerwise", "galore_adamw_layerwise"])
+def test_grad_norm_is_the_global_norm_of_the_gradients_the_hooks_consumed(optim, monkeypatch, tmp_path):
+    from transformers import TrainingArguments
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    torch.manual_seed(0)
+    net, ref = _Net(), _Net()
+    ref.load_state_dict(net.state_dict())
+    args = TrainingArguments(output_dir=str(tmp_path), optim=optim, optim_target_modules=[r"^a$", r"^b$"],
+                             optim_args="rank=8", learning_rate=1e-2, use_cpu=True, report_to="none")
+    opt = LayerwiseGaLore.from_trainer_args(net, args)
+    x = torch.randn(4, 96)
+    for model in (net, ref):
+        (model.b(model.a(x) * model.norm).pow(2).mean() + model.other.sum()).backward()
+    expected = torch.sqrt(sum(p.grad.pow(2).sum() for p in ref.parameters()))
+    assert all(p.grad is None for p in net.parameters())  # consumed by the hooks
+    torch.testing.assert_close(opt.grad_norm(), expected)
+    opt.step()
+    assert opt.grad_norm() == 0  # a new step measures anew
+
+
+@pytest.mark.parametrize("optim", ["galore_adamw_8bit_layerwise", "galore_adamw_layerwise"])
+def test_state_dict_round_trip_continues_the_same_run(optim, monkeypatch, tmp_path):
+    """What a checkpoint saves (through torch.save and a weights-only load) restores moments, step counts and
+    projections: the resumed optimizer takes the steps the uninterrupted one takes."""
+    from transformers import TrainingArguments
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    galore.fix_8bit_arguments()
+    args = TrainingArguments(output_dir=str(tmp_path), optim=optim, optim_target_modules=[r"^a$", r"^b$"],
+                             optim_args="rank=8,update_proj_gap=3", learning_rate=1e-2, use_cpu=True,
+                             report_to="none")
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(4, 96, generator=g) for _ in range(6)]
+
+    def steps(net, opt, which):
+        for i in which:
+            net.b(net.a(xs[i]) * net.norm).pow(2).mean().add(net.other.sum()).backward()
+            opt.step()
+
+    torch.manual_seed(0)
+    whole, first = _Net(), _Net()
+    first.load_state_dict(whole.state_dict())
+    opt = LayerwiseGaLore.from_trainer_args(whole, args)
+    steps(whole, opt, range(6))
+    opt = LayerwiseGaLore.from_trainer_args(first, args)
+    steps(first, opt, range(4))
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    resumed = _Net()
+    resumed.load_state_dict(first.state_dict())
+    opt = LayerwiseGaLore.from_trainer_args(resumed, args)
+    opt.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
+    steps(resumed, opt, range(4, 6))
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_galore_torch_8bit_trains_the_norms_only_with_its_arguments_bound_by_name(monkeypatch):

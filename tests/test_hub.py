@@ -4,6 +4,7 @@ import socket
 import time
 
 import pytest
+import torch
 
 from ftstudy.data import fetch_data
 from ftstudy.hub import HubUnavailable, require_hub
@@ -39,3 +40,39 @@ def test_blackholed_dns_times_out(monkeypatch):
     with pytest.raises(HubUnavailable, match="timed out"):
         require_hub("test")
     assert time.monotonic() - start < 5
+
+
+def test_random_source_builds_the_architecture_with_random_weights_and_the_given_tokenizer(
+        monkeypatch, tmp_path, tiny_model_dir):
+    """model.source=random: the named architecture's config, seeded random weights, a saved tokenizer; no download."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from ftstudy import arch
+    from ftstudy.params import RandomModelParams
+
+    small = dict(arch.GEMMA3_1B, vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=2, head_dim=16, layer_types=["sliding_attention", "full_attention"])
+    monkeypatch.setitem(arch.ARCHS, "gemma-3-1b", small)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    p = ModelParams(source="random", storage_dtype="float32",
+                    random=RandomModelParams(tokenizer_dir=str(tiny_model_dir)))
+    info = fetch_model(p, tmp_path / "a")
+    assert "NOT a pretrained model" in info["model_id"] and info["arch"] == "gemma-3-1b"
+    config = json.loads((tmp_path / "a/config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (32, 2, 1024)
+    assert (tmp_path / "a/tokenizer_config.json").exists()
+    fetch_model(p, tmp_path / "b")  # the seed makes it reproducible: the same weights again
+    a, b = load_file(tmp_path / "a/model.safetensors"), load_file(tmp_path / "b/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_random_source_with_a_folder_without_tokenizer_is_a_clear_error(tmp_path):
+    from ftstudy.errors import UserError
+    from ftstudy.params import RandomModelParams
+
+    p = ModelParams(source="random", random=RandomModelParams(tokenizer_dir=str(tmp_path)))
+    with pytest.raises(UserError, match="holds no saved tokenizer"):
+        fetch_model(p, tmp_path / "base")
+    assert not (tmp_path / "base").exists()

@@ -26,7 +26,7 @@ def test_committed_params_validate():
     assert load_params(ROOT / "params.yaml").profile == "embedded"
 
 
-@pytest.mark.parametrize("profile", ["embedded", "full", "micro"])
+@pytest.mark.parametrize("profile", ["embedded", "full", "micro", "study_random"])
 def test_every_profile_composes_and_validates(profile, tmp_path):
     from dvc.utils.hydra import compose_and_dump
 
@@ -78,7 +78,7 @@ def test_wrong_type_and_choice():
         parse_params(_params(seed="abc", model__source="s3", evaluate__batch_size=True))
     msg = str(e.value)
     assert "seed: expected an integer, got 'abc'" in msg
-    assert "model.source: 's3' is not allowed; allowed values: gguf, hub, tiny_random" in msg
+    assert "model.source: 's3' is not allowed; allowed values: gguf, hub, random, tiny_random" in msg
     assert "evaluate.batch_size: expected an integer, got True" in msg  # all three reported at once
 
 
@@ -122,3 +122,15 @@ def test_rerank_needs_two_different_trained_models():
         parse_params(_params(rerank__proposer="galore"))
     with pytest.raises(ParamsError, match=r"rerank.k: 0 is out of range"):
         parse_params(_params(rerank__k=0))
+
+
+def test_random_architectures_in_the_schema_are_those_the_models_know():
+    from ftstudy.arch import ARCHS
+    from ftstudy.params import ARCH_NAMES
+
+    assert set(ARCH_NAMES) == set(ARCHS)
+
+
+def test_unknown_random_architecture_names_the_allowed_ones():
+    with pytest.raises(ParamsError, match="model.random.arch: 'gemma-3-27b' is not allowed; allowed values: gemma-3-1b"):
+        parse_params(_params(model__random__arch="gemma-3-27b"))

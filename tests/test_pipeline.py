@@ -210,3 +210,24 @@ def test_num_processes_makes_dvc_launch_a_training_stage_on_several_workers(micr
     assert multi["per_device_batch"] == params["train"]["batch_size"] // 2
     # LoRA dropout draws differ per worker, so only close here; tests/test_distributed.py checks exact curves.
     assert multi["final_train_loss"] == pytest.approx(single["final_train_loss"], rel=0.05)
+
+
+def test_pipeline_benchmark_times_stages_and_extrapolates_to_the_study(micro_repo):
+    """benchmarks/pipeline.py: each stage timed as `dvc repro` runs it, the study's time from the measured rates,
+    and a second call continues from the log instead of running anything again."""
+    repo, env, _ = micro_repo
+    cmd = [sys.executable, "benchmarks/pipeline.py", "--stages", "train_qlora", "evaluate@qlora", "--force",
+           "--out", "timings.json"]
+    _run(cmd, repo, env)
+    got = json.loads((repo / "timings.json").read_text())
+    train, evaluate = got["stages"]["train_qlora"], got["stages"]["evaluate@qlora"]
+    assert got["profile"] == "micro" and got["skipped"] == []
+    assert train["study_steps"] == 3750 and train["tokens_per_s"] > 0
+    assert train["study_s"] > train["measured_wall_s"] > 0  # 3,750 steps take longer than the micro profile's 4
+    assert evaluate["study_generated_tokens"] == 6000 * 256 and evaluate["study_s"] > evaluate["measured_wall_s"]
+    assert got["study_s"] == pytest.approx(train["study_s"] + evaluate["study_s"], abs=0.2)
+    trained_at = (repo / "metrics/train/qlora.json").stat().st_mtime_ns
+    _run(cmd, repo, env)
+    assert (repo / "metrics/train/qlora.json").stat().st_mtime_ns == trained_at  # nothing ran again
+    assert len((repo / ".pipeline/timings.jsonl").read_text().splitlines()) == 2
+    assert json.loads((repo / "timings.json").read_text()) == got

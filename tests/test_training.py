@@ -119,6 +119,31 @@ def test_packing_fills_rows_first_fit_decreasing_and_never_exceeds_the_row_lengt
     assert Collator(0, pack=True)([{"input_ids": [5] * n, "labels": [5] * n} for n in (3, 2)])["input_ids"].shape == (2, 3)
 
 
+def test_compiled_layers_get_padded_batches_and_uncompiled_ones_packed_as_configured():
+    """Compiled layers computed wrong gradients for packed rows on an H200 (ftstudy.training.packed_batches)."""
+    from ftstudy.training import packed_batches
+
+    assert packed_batches(True, ["fused_linear_cross_entropy", "liger_kernels"])
+    assert not packed_batches(True, ["fused_linear_cross_entropy", "compiled_layers", "cuda_graphs"])
+    assert not packed_batches(False, ["fused_linear_cross_entropy"])
+
+
+def test_compiled_layers_with_cuda_graphs_see_one_batch_shape_for_a_whole_run():
+    """Under CUDA graphs every batch is padded to full rows, and the epoch's short last batch is dropped, so the
+    layers compile and record once (a packed batch's row count would vary from batch to batch)."""
+    from ftstudy.training import Collator, packed_batches
+
+    g = torch.Generator().manual_seed(0)
+    examples = [{"input_ids": [5] * n, "labels": [-100] + [5] * (n - 1)}
+                for n in torch.randint(10, 120, (203,), generator=g).tolist()]
+    levers = ["fused_linear_cross_entropy", "compiled_layers", "cuda_graphs"]
+    collate = Collator(0, pack=packed_batches(True, levers), row_len=128, full_rows=True)
+    shapes = {tuple(collate(examples[i:i + 8])["input_ids"].shape) for i in range(0, len(examples) - 7, 8)}
+    assert shapes == {(8, 128)}
+    packed = Collator(0, pack=True, row_len=128, full_rows=True)
+    assert len({tuple(packed(examples[i:i + 8])["input_ids"].shape) for i in range(0, 200, 8)}) > 1
+
+
 def test_kernels_auto_leaves_liger_out_of_compiled_layers(monkeypatch):
     """Liger's ops inside compiled layers split them into several graphs (1.9x slower steps on an H100)."""
     from ftstudy import fastpath
@@ -200,6 +225,19 @@ def test_galore_trains_every_parameter(workdir, tiny_model_dir):
     assert any("self_attn" in k for k in changed) and any("mlp" in k for k in changed)
     assert m["optimizer"] == "galore_adamw_layerwise" and m["trainable_params"] == m["total_params"]
     assert m["peak_memory_gb"] > 0 and m["tokens_per_s"] > 0
+
+
+def test_layerwise_galore_logs_its_measured_gradient_norm_and_says_it_is_unclipped(workdir, tiny_model_dir):
+    """Layer-wise GaLore consumes each gradient in its hook, so the Trainer would log a norm of 0 and clip nothing;
+    the logged norm is the one the optimizer measured, and the metrics say that no clipping took place."""
+    params = _tiny_params(tiny_model_dir, train_galore=GaloreParams(rank=4, max_steps=3, learning_rate=1e-3))
+    m = _train(workdir, params, "galore")
+    rows = (workdir / "live/galore/plots/metrics/train/grad_norm.tsv").read_text().splitlines()[1:]
+    norms = [float(r.split("\t")[1]) for r in rows]
+    assert len(norms) == 3 and all(0 < n < float("inf") for n in norms)
+    assert m["gradient_clipping"] == "none (layer-wise optimizer)"
+    lora = _tiny_params(tiny_model_dir, train_lora_wide=LoraParams(lora_r=4, lora_alpha=8, max_steps=1))
+    assert _train(workdir, lora, "lora_wide")["gradient_clipping"] == "global L2 norm <= 1.0"
 
 
 def test_layerwise_galore_follows_the_learning_rate_schedule(workdir, tiny_model_dir):

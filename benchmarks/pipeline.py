@@ -1,0 +1,172 @@
+"""Time the pipeline stage by stage as `dvc repro` runs it, and extrapolate to the full study from the rates.
+
+    python benchmarks/pipeline.py --profile study_random --out pipeline_h200.json   # on a GPU
+    python benchmarks/pipeline.py --stages train_qlora evaluate@qlora --force       # some stages again
+
+``--profile`` composes params.yaml from conf/ for that profile first, as `dvc exp run -S profile=...` does (it
+rewrites params.yaml in the working tree; `git checkout params.yaml` restores the committed one).
+
+Each stage runs as `dvc repro --single-item <stage>` in dvc.yaml's order, timed from outside. A stage DVC finds
+up to date is recorded as skipped. Timings go to a log as each stage ends (``--log``, kept where git ignores it),
+so a run that must be spread over several calls (a lent GPU runs one command for at most 10 minutes) continues
+where the last call stopped: ``--budget-s`` stops before a stage once that many seconds have passed.
+
+The extrapolation to the study reads the full profile (conf/profile/full.yaml): its steps per method, test prompts
+and new tokens, and scales what each stage measured: training by its steady tokens/s plus its one-off costs
+(compilation, GaLore's projections, repeated at the study's projection interval) plus the stage's load and save
+time; generation by its generated tokens/s at the study's prompts x new tokens (random weights never stop early,
+so this is the upper bound); the re-rank by its prompt count. Data stages and the report are taken as measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ftstudy.atomic import read_json, write_json  # noqa: E402
+from ftstudy.params import Params, load_params, parse_params  # noqa: E402
+
+TRAINED = {"train_qlora": "qlora", "train_lora_wide": "lora_wide", "train_galore": "galore",
+           "train_sequential_ensemble": "sequential_ensemble"}
+
+
+def stage_names() -> list[str]:
+    """dvc.yaml's stages in file order, matrix stages expanded (the order dvc.yaml lists is a topological one)."""
+    out = subprocess.run(["dvc", "stage", "list", "--name-only"], check=True, capture_output=True, text=True).stdout
+    return out.split()
+
+
+def run_stage(name: str, force: bool) -> dict:
+    start = time.perf_counter()
+    proc = subprocess.run(["dvc", "repro", "--single-item", *(["--force"] if force else []), name],
+                          capture_output=True, text=True)
+    seconds = round(time.perf_counter() - start, 2)
+    if proc.returncode:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"stage {name} failed (exit {proc.returncode})")
+    return {"stage": name, "wall_s": seconds, "ran": f"Running stage '{name}'" in proc.stdout}
+
+
+def compose(profile: str, out: Path) -> None:
+    """params.yaml of ``profile``, composed as `dvc exp run -S profile=...` composes it."""
+    from dvc.utils.hydra import compose_and_dump
+
+    compose_and_dump(out, os.fspath(ROOT / "conf"), None, "config", "", [f"profile={profile}"])
+
+
+def full_study() -> Params:
+    import tempfile
+
+    import yaml
+
+    with tempfile.TemporaryDirectory() as td:
+        compose("full", Path(td) / "params.yaml")
+        return parse_params(yaml.safe_load((Path(td) / "params.yaml").read_text()))
+
+
+def extrapolate(timings: dict[str, dict], measured: Params, study: Params) -> dict:
+    """Each stage's time at the study's size, from what it measured here."""
+    steps = {m: getattr(study, f"train_{m}").max_steps for m in TRAINED.values()}
+    gaps = {m: getattr(study, f"train_{m}").update_proj_gap for m in ("galore", "sequential_ensemble")}
+    prompts = study.data.test_per_source * len(study.data.sources)
+    measured_prompts = measured.data.test_per_source * len(measured.data.sources)
+    rows = {}
+    for name, t in timings.items():
+        row = {"measured_wall_s": t["wall_s"]}
+        method = TRAINED.get(name)
+        if method and Path(f"metrics/train/{method}.json").exists():
+            m = read_json(f"metrics/train/{method}.json")
+            rate, once, counts = m.get("steady_tokens_per_s"), m.get("one_off_seconds", {}), m.get("one_off_steps", {})
+            if rate:
+                per_step = m["trained_tokens"] / m["steps"]
+                projection = once.get("projection", 0.0) / counts["projection"] if counts.get("projection") else 0.0
+                extra = projection * (steps[method] // gaps[method]) if method in gaps else 0.0
+                row.update(tokens_per_s=rate, tokens_per_step=round(per_step, 1), peak_memory_gb=m["peak_memory_gb"],
+                           study_steps=steps[method],
+                           study_s=round(t["wall_s"] - m["train_seconds"] + once.get("first_step", 0.0)
+                                         + once.get("new_shape", 0.0) + extra + steps[method] * per_step / rate, 1))
+        elif name.startswith("evaluate@") and Path(f"metrics/eval/{name.split('@')[1]}.json").exists():
+            g = read_json(f"metrics/eval/{name.split('@')[1]}.json")["generation"]
+            tokens = prompts * study.evaluate.max_new_tokens
+            row.update(generated_tokens_per_s=g["generated_tokens_per_s"], study_generated_tokens=tokens,
+                       study_s=round(t["wall_s"] - g["generate_seconds"] + tokens / g["generated_tokens_per_s"], 1))
+        elif name == "evaluate_rerank" and Path("metrics/eval/rerank.json").exists():
+            g = read_json("metrics/eval/rerank.json")["generation"]
+            scale = prompts / measured_prompts * study.rerank.k / measured.rerank.k
+            row.update(study_s=round(t["wall_s"] - g["generate_seconds"] + g["generate_seconds"] * scale, 1))
+        rows[name] = row
+    return rows
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", help="compose params.yaml for this profile first (e.g. study_random)")
+    parser.add_argument("--stages", nargs="+", help="these stages only (default: all, in dvc.yaml's order)")
+    parser.add_argument("--force", action="store_true", help="rerun stages that are up to date")
+    parser.add_argument("--budget-s", type=float, default=float("inf"),
+                        help="start no stage once this many seconds have passed (continue in the next call)")
+    parser.add_argument("--log", type=Path, default=Path(".pipeline/timings.jsonl"))
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    os.chdir(ROOT)
+    if args.profile:
+        compose(args.profile, ROOT / "params.yaml")
+    wanted = args.stages or stage_names()
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if args.log.exists():
+        done = {r["stage"]: r for r in map(json.loads, args.log.read_text().splitlines())}
+    start = time.perf_counter()
+    for name in wanted:
+        if name in done:
+            continue
+        if time.perf_counter() - start > args.budget_s:
+            print(f"budget spent: stopping before {name}; run again to continue", flush=True)
+            return {}
+        rec = run_stage(name, args.force)
+        done[name] = rec
+        with args.log.open("a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        print(json.dumps(rec), flush=True)
+    measured = load_params()
+    rows = extrapolate({n: done[n] for n in wanted}, measured, full_study())
+    gpu = None
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    except ImportError:
+        pass
+    ran = [n for n in wanted if done[n]["ran"]]
+    result = {
+        "profile": measured.profile, "model_source": measured.model.source, "gpu": gpu,
+        "note": "measured on this profile; study_s extrapolates each stage to the full profile's steps, prompts and "
+                "new tokens from the measured rates (random weights: generation never stops early)",
+        "stages": rows,
+        "measured_wall_s": round(sum(done[n]["wall_s"] for n in wanted), 1),
+        "skipped": [n for n in wanted if not done[n]["ran"]],
+        "study_s": round(sum(r.get("study_s", r["measured_wall_s"]) for r in rows.values()), 1),
+    }
+    result["study_minutes"] = round(result["study_s"] / 60, 1)
+    print(f"\n{'stage':30} {'measured s':>11} {'study s':>9}")
+    for n in wanted:
+        r = rows[n]
+        print(f"{n:30} {r['measured_wall_s']:>11.1f} {r.get('study_s', r['measured_wall_s']):>9.1f}"
+              + ("" if n in ran else "  (up to date: skipped)"))
+    print(f"{'total':30} {result['measured_wall_s']:>11.1f} {result['study_s']:>9.1f}  "
+          f"= {result['study_minutes']} min for the study")
+    if args.out:
+        write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
