@@ -577,9 +577,9 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
         # With several GPUs visible to one process the Trainer wraps the model in nn.DataParallel and multiplies
         # the batch by the GPU count. One process trains on one GPU; train.num_processes > 1 uses several (DDP).
         args._n_gpu = 1
-    # CUDA graphs are recorded per batch shape: rows of one width leave at most batch_size shapes to record.
-    collator = Collator(tokenizer.pad_token_id, pack=packed_batches(t.packing, levers), row_len=t.max_seq_len,
-                        full_rows="cuda_graphs" in levers)
+    # CUDA graphs are recorded per batch shape: full rows (and no short last batch) leave one shape to record.
+    packed = packed_batches(t.packing, levers)
+    collator = Collator(tokenizer.pad_token_id, pack=packed, row_len=t.max_seq_len, full_rows="cuda_graphs" in levers)
     trainer = completion_trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator,
                       callbacks=[] if live_dir is None else [_curve_callback(Path(live_dir), resume=last is not None)])
     throughput = _throughput_callback(trainer, compiled="compiled_layers" in levers,
@@ -614,10 +614,10 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
         "profile": params.profile,
         "optimizer": optim_kwargs["optim"],
         "speed_levers": levers,
-        "packed_batches": packed_batches(t.packing, levers),
+        "packed_batches": packed,
         # Layer-wise optimizers update each weight during the backward, before the global norm exists.
         "gradient_clipping": ("none (layer-wise optimizer)" if spec.optimizer in LAYERWISE_OPTIMIZERS
-                              else f"global L2 norm <= {t.max_grad_norm}" if t.max_grad_norm > 0 else "none"),
+                              else f"global L2 norm <= {t.max_grad_norm}"),
         "device": device_kind(),
         "train_seconds": round(seconds, 2),
         "tokens_per_s": round(trained_tokens / seconds, 2) if seconds else 0.0,
