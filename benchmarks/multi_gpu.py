@@ -41,11 +41,12 @@ def params_for(method: str, processes: int, strategy: str, steps: int, batch: in
     p = Params(profile="benchmark")
     return dataclasses.replace(
         p, train=dataclasses.replace(p.train, batch_size=batch, max_seq_len=seq_len, max_prompt_tokens=seq_len // 2,
-                                     save_steps=steps, warmup_steps=0, progress_bar=False, gradient_checkpointing=True,
+                                     save_steps=steps, warmup_steps=0, gradient_checkpointing=True,
                                      num_processes=processes, strategy=strategy),
         train_qlora=dataclasses.replace(p.train_qlora, max_steps=steps, lora_dropout=0.0),
         train_lora_wide=dataclasses.replace(p.train_lora_wide, max_steps=steps, lora_dropout=0.0),
         train_galore=dataclasses.replace(p.train_galore, optimizer="adamw_torch", max_steps=steps),
+        ui=dataclasses.replace(p.ui, progress_bar=False),
     )
 
 

@@ -92,12 +92,13 @@ def main() -> None:
         p, train=dataclasses.replace(p.train, batch_size=args.batch, save_steps=10**6, warmup_steps=0,
                                      max_seq_len=args.seq_len, compile=args.compile,
                                      cuda_graphs="off" if args.compile == "off" else "auto", max_prompt_tokens=args.seq_len * 3 // 4,
-                                     progress_bar=False, gradient_checkpointing=args.gradient_checkpointing),
+                                     gradient_checkpointing=args.gradient_checkpointing),
         train_galore=dataclasses.replace(p.train_galore, optimizer=galore_opt, max_steps=args.steps),
         train_sequential_ensemble=dataclasses.replace(p.train_sequential_ensemble, optimizer=galore_opt,
                                                       max_steps=args.steps),
         train_qlora=dataclasses.replace(p.train_qlora, max_steps=args.steps),
         train_lora_wide=dataclasses.replace(p.train_lora_wide, max_steps=args.steps),
+        ui=dataclasses.replace(p.ui, progress_bar=False),
     )
     results = []
     order = [m for m in METHODS if m in args.methods]

@@ -84,10 +84,13 @@ def evaluate(name: str, model_dir: str | Path, base_dir: str | Path, test_path: 
     return metrics
 
 
+JOURNALS = Path("checkpoints/evaluate")
+
+
 def journal_path(predictions_path: str | Path) -> Path:
-    """Where an evaluation in progress keeps its finished batches (not a DVC output, so a rerun finds it)."""
-    p = Path(predictions_path)
-    return p.parent / ".journal" / f"{p.stem}.jsonl"
+    """Where an evaluation in progress keeps its finished batches: outside every folder a stage depends on or
+    writes (DVC would see a killed run's journal as a change), and not a DVC output, so a rerun finds it."""
+    return JOURNALS / f"{Path(predictions_path).stem}.jsonl"
 
 
 def eval_fingerprint(model_dir, base_dir, test_path, p) -> str:

@@ -118,7 +118,6 @@ class TrainParams:
                              "(torch.compile reduce-overhead); auto = on wherever layers are compiled")
     num_processes: int = _spec(1, ge=1, le=64, doc="workers (GPUs) per training stage; >1 launches it through torchrun")
     strategy: str = _spec("ddp", choices=STRATEGIES, doc="data parallelism with num_processes > 1: ddp or fsdp")
-    progress_bar: bool = _spec(True)
 
     @property
     def fsdp(self) -> bool:
@@ -184,6 +183,13 @@ class ReportParams:
 
 
 @dataclass(frozen=True)
+class UiParams:
+    """How stages show their progress. No stage lists these keys, so changing them reruns nothing."""
+
+    progress_bar: bool = _spec(True, doc="tqdm bars while training and generating")
+
+
+@dataclass(frozen=True)
 class Params:
     profile: str = _spec("embedded", doc="label written into every metrics file and the report")
     seed: int = _spec(42, ge=0)
@@ -198,6 +204,7 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     rerank: RerankParams = field(default_factory=RerankParams)
     report: ReportParams = field(default_factory=ReportParams)
+    ui: UiParams = field(default_factory=UiParams)
 
 
 def _type_name(tp) -> str:

@@ -568,7 +568,7 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
         lr_scheduler_type=t.lr_scheduler, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         logging_steps=1, save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
         bf16=cuda, use_cpu=not cuda, seed=params.seed, data_seed=params.seed, report_to="none",
-        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not t.progress_bar, **optim_kwargs,
+        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not params.ui.progress_bar, **optim_kwargs,
         # No short last batch of an epoch: with compiled layers and full rows every batch then has one shape,
         # compiled (and recorded as a CUDA graph) once for the whole run.
         dataloader_drop_last=True,

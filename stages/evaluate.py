@@ -14,7 +14,7 @@ def main() -> None:
     params = load_params()
     m = evaluate(args.model, f"models/{args.model}", "models/base", "data/processed/test.jsonl", params,
                  f"data/predictions/{args.model}.jsonl", f"metrics/eval/{args.model}.json",
-                 f"data/showcase/{args.model}.jsonl")
+                 f"data/showcase/{args.model}.jsonl", progress=params.ui.progress_bar)
     o = m["overall"]
     print(f"{args.model}: BLEU-4 {o['bleu4_corpus_0_100']:.2f} (0-100), ROUGE-L F1 {o['rouge_l_f1_0_1']:.4f} (0-1)")
 

@@ -8,7 +8,7 @@ from ftstudy.params import load_params
 def main() -> None:
     params = load_params()
     m = evaluate_rerank("models", "data/processed/test.jsonl", params, "data/predictions/rerank.jsonl",
-                        "metrics/eval/rerank.json")
+                        "metrics/eval/rerank.json", progress=params.ui.progress_bar)
     o, g = m["overall"], m["generation"]
     print(f"rerank ({params.rerank.proposer} proposes {params.rerank.k}, {params.rerank.scorer} scores): "
           f"BLEU-4 {o['bleu4_corpus_0_100']:.2f}, ROUGE-L F1 {o['rouge_l_f1_0_1']:.4f}, {g['generate_seconds']} s")

@@ -30,7 +30,7 @@ def test_same_seed_same_training_metrics_on_cpu(tmp_path, tiny_model_dir, tiny_t
     (tmp_path / "models").mkdir()
     (tmp_path / "models/base").symlink_to(tiny_model_dir)
     params = dataclasses.replace(Params(), train=TrainParams(batch_size=4, max_seq_len=96, max_prompt_tokens=64,
-                                                             warmup_steps=0, progress_bar=False),
+                                                             warmup_steps=0),
                                  train_qlora=LoraParams(lora_r=4, lora_alpha=8, max_steps=3))
     runs = []
     for i in range(2):

@@ -150,6 +150,49 @@ def test_changing_a_qlora_param_reruns_only_qlora_and_what_consumes_it(micro_rep
     assert trained["optimizer"] == "adamw_torch" and trained["steps"] == params["train_qlora"]["max_steps"]
 
 
+def test_every_cached_output_is_stored_once(micro_repo):
+    """Outputs are hard links to their copy in the DVC cache (cache.type: hardlink first), not a second copy."""
+    repo, _, _ = micro_repo
+    cached = [repo / "models/base/model.safetensors", repo / "data/processed/train.jsonl",
+              repo / "data/predictions/qlora.jsonl"]
+    assert all(f.stat().st_nlink >= 2 for f in cached), [(f.name, f.stat().st_nlink) for f in cached]  # 3+: equal files
+
+
+def test_toggling_the_progress_bar_reruns_no_stage(micro_repo):
+    """A cosmetic setting is in no stage's params nor in a training checkpoint's fingerprint."""
+    repo, env, _ = micro_repo
+    good = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(good)
+    params["ui"]["progress_bar"] = not params["ui"]["progress_bar"]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        out = _run(["dvc", "repro"], repo, env).stdout
+    finally:
+        (repo / "params.yaml").write_text(good)
+        _run(["dvc", "repro", "validate_params"], repo, env)  # the lock back to the committed params
+    assert _ran(out) == ["validate_params"]  # checks the file; its stamp is constant, so nothing follows
+
+
+def test_a_killed_evaluations_journal_changes_no_stage(micro_repo):
+    """An evaluation killed mid-run leaves its journal (the finished batches) for the rerun to resume from; it
+    lives outside every folder a stage depends on or writes, so DVC sees no change."""
+    from ftstudy.evaluate import journal_path
+
+    repo, env, _ = micro_repo
+    journal = journal_path("data/predictions/qlora.jsonl")
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    paths = {str(d) for st in stages.values() for d in st.get("deps", [])}
+    paths |= {next(iter(o)) if isinstance(o, dict) else o for st in stages.values() for o in st.get("outs", [])}
+    assert not any(journal.is_relative_to(p.replace("${item.model}", "qlora")) for p in paths)
+    (repo / journal).parent.mkdir(parents=True, exist_ok=True)
+    (repo / journal).write_text('{"batch": 0, "fingerprint": "a killed run"}\n')
+    try:
+        # the report depends on data/predictions, where the journal used to live
+        assert "up to date" in _run(["dvc", "status", "report", "evaluate@qlora"], repo, env).stdout
+    finally:
+        (repo / journal).unlink()
+
+
 def test_changing_rerank_k_reruns_only_the_rerank_evaluation_and_report(micro_repo):
     repo, env, _ = micro_repo
     params = yaml.safe_load((repo / "params.yaml").read_text())

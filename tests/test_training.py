@@ -177,7 +177,7 @@ def test_gpu_kernels_forced_on_without_cuda_is_a_clear_error(monkeypatch):
 
 def _tiny_params(tiny_model_dir, **sections) -> Params:
     base = Params(train=TrainParams(batch_size=4, max_seq_len=96, max_prompt_tokens=64, save_steps=2,
-                                    warmup_steps=0, progress_bar=False))
+                                    warmup_steps=0))
     return dataclasses.replace(base, **sections)
 
 
