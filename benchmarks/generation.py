@@ -24,7 +24,7 @@ from ftstudy import synthetic  # noqa: E402
 from ftstudy.arch import GEMMA3_1B  # noqa: E402
 from ftstudy.generation import generate  # noqa: E402
 from ftstudy.models import tiny_config, train_tiny_tokenizer  # noqa: E402
-from ftstudy.params import TinyModelParams  # noqa: E402
+from ftstudy.params import default_params  # noqa: E402
 from ftstudy.sources import convert_rows  # noqa: E402
 
 STUDY_PROMPTS = 6000  # 2,000 test rows per source x 3 sources
@@ -57,7 +57,7 @@ def main(argv=None) -> list[dict]:
     tokenizer.padding_side = "left"
     torch.manual_seed(0)
     config = (Gemma3TextConfig(**GEMMA3_1B) if args.arch == "gemma-3-1b"
-              else tiny_config(TinyModelParams(), len(tokenizer)))
+              else tiny_config(default_params().model.tiny, len(tokenizer)))
     with torch.device("cuda" if cuda else "cpu"):  # random init on the GPU: a minute faster than on its CPU
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda else torch.float32).eval()
     recs = records(args.prompts)

@@ -31,14 +31,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from train_methods import build_base, write_train_data  # noqa: E402
 
-from ftstudy.params import Params  # noqa: E402
+from ftstudy.params import Params, default_params  # noqa: E402
 from ftstudy.training import method_spec, train  # noqa: E402
 
 RUNS = [("galore", "fsdp"), ("lora_wide", "ddp"), ("qlora", "ddp")]
 
 
 def params_for(method: str, processes: int, strategy: str, steps: int, batch: int, seq_len: int) -> Params:
-    p = Params(profile="benchmark")
+    p = dataclasses.replace(default_params(), profile="benchmark")
     return dataclasses.replace(
         p, train=dataclasses.replace(p.train, batch_size=batch, max_seq_len=seq_len, max_prompt_tokens=seq_len // 2,
                                      save_steps=steps, warmup_steps=0, gradient_checkpointing=True,

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ftstudy.arch import GEMMA3_1B  # noqa: E402
-from ftstudy.params import Params  # noqa: E402
+from ftstudy.params import Params, default_params  # noqa: E402
 from ftstudy.prompt import IGNORE_INDEX  # noqa: E402
 
 TINY = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
@@ -62,7 +62,7 @@ def make_batches(n: int, batch: int, seq_len: int, vocab: int, prompt_frac: floa
 
 
 def bench_params(variant: str, cuda: bool, keep_activations: int = 0) -> Params:
-    p = Params(profile="benchmark")
+    p = dataclasses.replace(default_params(), profile="benchmark")
     galore = (PROJECT_GALORE if variant == "project" else BASELINE_GALORE)[cuda]
     return dataclasses.replace(
         p, train=dataclasses.replace(p.train, gradient_checkpointing=True, weight_decay=0.0,

@@ -26,7 +26,7 @@ from ftstudy import synthetic  # noqa: E402
 from ftstudy.arch import GEMMA3_1B  # noqa: E402
 from ftstudy.atomic import write_json, write_jsonl  # noqa: E402
 from ftstudy.models import tiny_config, train_tiny_tokenizer  # noqa: E402
-from ftstudy.params import Params, TinyModelParams  # noqa: E402
+from ftstudy.params import default_params  # noqa: E402
 from ftstudy.sources import convert_rows  # noqa: E402
 from ftstudy.training import METHODS, method_spec, train  # noqa: E402
 
@@ -39,7 +39,7 @@ def build_base(arch: str, out: Path) -> None:
     if arch == "gemma-3-1b":
         config = Gemma3TextConfig(**GEMMA3_1B)
     else:
-        config = tiny_config(TinyModelParams(), len(tokenizer))
+        config = tiny_config(default_params().model.tiny, len(tokenizer))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     model.save_pretrained(out, safe_serialization=True)
@@ -86,7 +86,7 @@ def main() -> None:
     build_base(args.arch, work / "models" / "base")
     write_train_data(work / "train.jsonl", join=args.join)
 
-    p = Params()
+    p = default_params()
     galore_opt = "galore_adamw_8bit_layerwise" if cuda else "galore_adamw_layerwise"
     p = dataclasses.replace(
         p, train=dataclasses.replace(p.train, batch_size=args.batch, save_steps=10**6, warmup_steps=0,

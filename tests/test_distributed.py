@@ -14,7 +14,7 @@ from test_training import _records
 from ftstudy import distributed
 from ftstudy.atomic import write_jsonl
 from ftstudy.errors import UserError
-from ftstudy.params import GaloreParams, Params, TrainParams
+from ftstudy.params import default_params
 from ftstudy.training import method_spec
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -55,7 +55,11 @@ def test_two_gloo_processes_train_like_one_at_the_same_effective_batch(tmp_path,
 
 
 def _spec(**galore):
-    return method_spec(Params(train_galore=GaloreParams(**galore)), "galore")
+    return method_spec(default_params(train_galore=galore), "galore")
+
+
+def _train(**train):
+    return default_params(train=train).train
 
 
 @pytest.mark.parametrize("spec_args, train_args, cuda, match", [
@@ -67,14 +71,14 @@ def _spec(**galore):
 ])
 def test_what_cannot_run_distributed_is_refused_with_the_fix(spec_args, train_args, cuda, match):
     with pytest.raises(UserError, match=match):
-        distributed.check(_spec(**spec_args), TrainParams(**train_args), cuda, gpus=2)
+        distributed.check(_spec(**spec_args), _train(**train_args), cuda, gpus=2)
 
 
 def test_qlora_under_fsdp_is_refused_and_supported_combinations_pass():
     with pytest.raises(UserError, match="4-bit.*strategy=ddp"):
-        distributed.check(method_spec(Params(), "qlora"), TrainParams(num_processes=2, strategy="fsdp"), True, gpus=2)
-    distributed.check(method_spec(Params(), "qlora"), TrainParams(num_processes=2), True, gpus=2)
-    distributed.check(_spec(optimizer="galore_adamw_8bit"), TrainParams(num_processes=2), True, gpus=2)
+        distributed.check(method_spec(default_params(), "qlora"), _train(num_processes=2, strategy="fsdp"), True, gpus=2)
+    distributed.check(method_spec(default_params(), "qlora"), _train(num_processes=2), True, gpus=2)
+    distributed.check(_spec(optimizer="galore_adamw_8bit"), _train(num_processes=2), True, gpus=2)
     full = _spec(optimizer="adamw_torch")
     assert full.galore is None  # plain full-parameter training, the one FSDP shards
-    distributed.check(full, TrainParams(num_processes=2, strategy="fsdp"), True, gpus=2)
+    distributed.check(full, _train(num_processes=2, strategy="fsdp"), True, gpus=2)

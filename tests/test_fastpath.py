@@ -11,7 +11,7 @@ import torch
 from ftstudy import fastpath, synthetic
 from ftstudy.errors import UserError
 from ftstudy.loss import causal_lm, completion_loss
-from ftstudy.params import Params, ParamsError, parse_params, to_dict
+from ftstudy.params import Params, ParamsError, default_params, parse_params, to_dict
 from ftstudy.prompt import tokenize_example
 from ftstudy.sources import convert_rows
 from ftstudy.training import Collator, method_spec, prepare_model
@@ -23,7 +23,7 @@ def _batch(tokenizer, n=4):
 
 
 def _params(method: str, **train) -> Params:
-    p = Params()
+    p = default_params()
     sections = {"train": dataclasses.replace(p.train, **train)}
     name = f"train_{method}"
     if hasattr(getattr(p, name), "lora_dropout"):  # dropout off: runs are compared number for number
@@ -110,7 +110,7 @@ def test_cuda_graph_settings_and_their_refusals(monkeypatch):
     assert seen == [True, False, False]
     with pytest.raises(UserError, match="cuda_graphs=on needs CUDA"):
         fastpath.check("auto", cuda=False, cuda_graphs="on")
-    raw = to_dict(Params())
+    raw = to_dict(default_params())
     raw["train"].update(cuda_graphs="on", grad_accum=2)
     with pytest.raises(ParamsError, match=r"train.cuda_graphs: on with train.grad_accum=2.*allowed: auto"):
         parse_params(raw)

@@ -9,13 +9,13 @@ import torch
 from ftstudy.data import fetch_data
 from ftstudy.hub import HubUnavailable, require_hub
 from ftstudy.models import fetch_model
-from ftstudy.params import DataParams, ModelParams
+from ftstudy.params import default_params
 
 
 def test_offline_flag_fails_immediately(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(HubUnavailable, match="model.source: gguf"):
-        fetch_model(ModelParams(source="hub"), tmp_path / "base")
+        fetch_model(default_params(model=dict(source="hub")).model, tmp_path / "base")
     assert not (tmp_path / "base").exists()
 
 
@@ -27,7 +27,7 @@ def test_unreachable_endpoint_fails_within_seconds(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     start = time.monotonic()
     with pytest.raises(HubUnavailable, match="cannot be reached.*data.source: synthetic"):
-        fetch_data(DataParams(source="hub"), 0, tmp_path / "raw")
+        fetch_data(default_params(data=dict(source="hub")).data, 0, tmp_path / "raw")
     assert time.monotonic() - start < 10
     assert not (tmp_path / "raw").exists()
 
@@ -50,14 +50,12 @@ def test_random_source_builds_the_architecture_with_random_weights_and_the_given
     from safetensors.torch import load_file
 
     from ftstudy import arch
-    from ftstudy.params import RandomModelParams
-
     small = dict(arch.GEMMA3_1B, vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                  num_attention_heads=2, head_dim=16, layer_types=["sliding_attention", "full_attention"])
     monkeypatch.setitem(arch.ARCHS, "gemma-3-1b", small)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    p = ModelParams(source="random", storage_dtype="float32",
-                    random=RandomModelParams(tokenizer_dir=str(tiny_model_dir)))
+    p = default_params(model=dict(source="random", storage_dtype="float32",
+                                  random=dict(tokenizer_dir=str(tiny_model_dir)))).model
     info = fetch_model(p, tmp_path / "a")
     assert "NOT a pretrained model" in info["model_id"] and info["arch"] == "gemma-3-1b"
     config = json.loads((tmp_path / "a/config.json").read_text())
@@ -70,9 +68,8 @@ def test_random_source_builds_the_architecture_with_random_weights_and_the_given
 
 def test_random_source_with_a_folder_without_tokenizer_is_a_clear_error(tmp_path):
     from ftstudy.errors import UserError
-    from ftstudy.params import RandomModelParams
 
-    p = ModelParams(source="random", random=RandomModelParams(tokenizer_dir=str(tmp_path)))
+    p = default_params(model=dict(source="random", random=dict(tokenizer_dir=str(tmp_path)))).model
     with pytest.raises(UserError, match="holds no saved tokenizer"):
         fetch_model(p, tmp_path / "base")
     assert not (tmp_path / "base").exists()

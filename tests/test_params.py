@@ -134,3 +134,23 @@ def test_random_architectures_in_the_schema_are_those_the_models_know():
 def test_unknown_random_architecture_names_the_allowed_ones():
     with pytest.raises(ParamsError, match="model.random.arch: 'gemma-3-27b' is not allowed; allowed values: gemma-3-1b"):
         parse_params(_params(model__random__arch="gemma-3-27b"))
+
+
+@pytest.mark.parametrize("profile", ["embedded", "full", "micro", "study_random"])
+def test_default_params_compose_each_profile_as_hydra_does(profile, tmp_path):
+    """Tests and benchmarks build params with default_params(): the same values `dvc exp run` composes."""
+    from dvc.utils.hydra import compose_and_dump
+
+    from ftstudy.params import compose
+
+    out = tmp_path / "params.yaml"
+    compose_and_dump(out, os.fspath(ROOT / "conf"), None, "config", "", [f"profile={profile}"])
+    assert compose(profile) == yaml.safe_load(out.read_text())
+
+
+def test_a_missing_key_is_an_error_not_a_silent_default():
+    raw = _params()
+    del raw["train"]["max_seq_len"], raw["rerank"]["k"]
+    with pytest.raises(ParamsError) as e:
+        parse_params(raw)
+    assert "train.max_seq_len: missing" in str(e.value) and "rerank.k: missing" in str(e.value)

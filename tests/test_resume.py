@@ -15,7 +15,7 @@ import yaml
 
 from ftstudy import synthetic
 from ftstudy.atomic import write_jsonl
-from ftstudy.params import Params, to_dict
+from ftstudy.params import default_params, to_dict
 from ftstudy.sources import convert_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ def _stage_dir(tmp: Path, tiny_model_dir: Path) -> Path:
     (tmp / "models" / "base").symlink_to(tiny_model_dir)
     recs = list(convert_rows("alpaca", synthetic.generate("alpaca", "train", 200, 0), 10**6, "last_turn"))
     write_jsonl(tmp / "data/processed/train.jsonl", recs)
-    raw = to_dict(Params())
+    raw = to_dict(default_params())
     raw["train"].update(batch_size=4, max_seq_len=96, max_prompt_tokens=64, save_steps=5, warmup_steps=0)
     raw["ui"]["progress_bar"] = False
     raw["train_lora_wide"].update(lora_r=4, lora_alpha=8, max_steps=STEPS, learning_rate=1e-3)

@@ -12,7 +12,7 @@ from ftstudy import synthetic
 from ftstudy.atomic import write_jsonl
 from ftstudy.errors import UserError
 from ftstudy.loss import completion_loss
-from ftstudy.params import GaloreParams, LoraParams, Params, TrainParams
+from ftstudy.params import Params, default_params
 from ftstudy.prompt import IGNORE_INDEX, tokenize_example
 from ftstudy.sources import convert_rows
 from ftstudy.training import Collator, check_hardware, method_spec, train
@@ -157,10 +157,10 @@ def test_kernels_auto_leaves_liger_out_of_compiled_layers(monkeypatch):
 
 
 def test_8bit_optimizer_without_cuda_is_a_clear_error():
-    p = Params(train_galore=GaloreParams(optimizer="galore_adamw_8bit_layerwise"))
+    p = default_params(train_galore=dict(optimizer="galore_adamw_8bit_layerwise"))
     with pytest.raises(UserError, match="needs CUDA.*galore_adamw_layerwise"):
         check_hardware(method_spec(p, "galore"), cuda=False)
-    check_hardware(method_spec(Params(), "galore"), cuda=False)  # the CPU variant is fine
+    check_hardware(method_spec(default_params(), "galore"), cuda=False)  # the CPU variant is fine
 
 
 def test_gpu_kernels_forced_on_without_cuda_is_a_clear_error(monkeypatch):
@@ -176,9 +176,8 @@ def test_gpu_kernels_forced_on_without_cuda_is_a_clear_error(monkeypatch):
 
 
 def _tiny_params(tiny_model_dir, **sections) -> Params:
-    base = Params(train=TrainParams(batch_size=4, max_seq_len=96, max_prompt_tokens=64, save_steps=2,
-                                    warmup_steps=0))
-    return dataclasses.replace(base, **sections)
+    train = dict(batch_size=4, max_seq_len=96, max_prompt_tokens=64, save_steps=2, warmup_steps=0)
+    return default_params(train=train, ui=dict(progress_bar=False), **sections)
 
 
 @pytest.fixture()
@@ -197,7 +196,7 @@ def _train(workdir, params, name):
 def test_lora_trains_the_adapter_and_leaves_the_base_alone(workdir, tiny_model_dir):
     from safetensors.torch import load_file
 
-    params = _tiny_params(tiny_model_dir, train_lora_wide=LoraParams(lora_r=4, lora_alpha=8, max_steps=3,
+    params = _tiny_params(tiny_model_dir, train_lora_wide=dict(lora_r=4, lora_alpha=8, max_steps=3,
                                                                       learning_rate=1e-2, target_modules=["q_proj", "down_proj"]))
     # Rows longer than train.max_seq_len (96): each trains exactly 96 tokens, so the count is known.
     long = [{**r, "response": " ".join([r["response"]] * 40)} for r in _records(32)]
@@ -217,7 +216,7 @@ def test_lora_trains_the_adapter_and_leaves_the_base_alone(workdir, tiny_model_d
 def test_galore_trains_every_parameter(workdir, tiny_model_dir):
     from safetensors.torch import load_file
 
-    params = _tiny_params(tiny_model_dir, train_galore=GaloreParams(rank=4, max_steps=2, learning_rate=1e-3))
+    params = _tiny_params(tiny_model_dir, train_galore=dict(rank=4, max_steps=2, learning_rate=1e-3))
     m = _train(workdir, params, "galore")
     before = load_file(tiny_model_dir / "model.safetensors")
     after = load_file(workdir / "models/galore/model.safetensors")
@@ -230,13 +229,13 @@ def test_galore_trains_every_parameter(workdir, tiny_model_dir):
 def test_layerwise_galore_logs_its_measured_gradient_norm_and_says_it_is_unclipped(workdir, tiny_model_dir):
     """Layer-wise GaLore consumes each gradient in its hook, so the Trainer would log a norm of 0 and clip nothing;
     the logged norm is the one the optimizer measured, and the metrics say that no clipping took place."""
-    params = _tiny_params(tiny_model_dir, train_galore=GaloreParams(rank=4, max_steps=3, learning_rate=1e-3))
+    params = _tiny_params(tiny_model_dir, train_galore=dict(rank=4, max_steps=3, learning_rate=1e-3))
     m = _train(workdir, params, "galore")
     rows = (workdir / "live/galore/plots/metrics/train/grad_norm.tsv").read_text().splitlines()[1:]
     norms = [float(r.split("\t")[1]) for r in rows]
     assert len(norms) == 3 and all(0 < n < float("inf") for n in norms)
     assert m["gradient_clipping"] == "none (layer-wise optimizer)"
-    lora = _tiny_params(tiny_model_dir, train_lora_wide=LoraParams(lora_r=4, lora_alpha=8, max_steps=1))
+    lora = _tiny_params(tiny_model_dir, train_lora_wide=dict(lora_r=4, lora_alpha=8, max_steps=1))
     assert _train(workdir, lora, "lora_wide")["gradient_clipping"] == "global L2 norm <= 1.0"
 
 
@@ -245,7 +244,7 @@ def test_layerwise_galore_follows_the_learning_rate_schedule(workdir, tiny_model
     layer-wise GaLore ignored the schedule and took that step at the peak rate (ftstudy.galore)."""
     from safetensors.torch import load_file
 
-    params = _tiny_params(tiny_model_dir, train_galore=GaloreParams(rank=4, max_steps=1, learning_rate=1e-2))
+    params = _tiny_params(tiny_model_dir, train_galore=dict(rank=4, max_steps=1, learning_rate=1e-2))
     params = dataclasses.replace(params, train=dataclasses.replace(params.train, warmup_steps=1))
     _train(workdir, params, "galore")
     before = load_file(tiny_model_dir / "model.safetensors")
@@ -295,7 +294,7 @@ def test_4bit_without_bitsandbytes_is_a_clear_error(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` raise ImportError
     with pytest.raises(UserError, match="needs bitsandbytes.*pip install"):
-        check_hardware(method_spec(Params(), "qlora"), cuda=False)
+        check_hardware(method_spec(default_params(), "qlora"), cuda=False)
 
 
 @pytest.mark.parametrize("frozen_head", [False, True], ids=["trained-head", "frozen-head"])
@@ -334,8 +333,8 @@ def test_the_hybrids_checkpoints_are_tied_to_the_qlora_adapter_it_starts_from(tm
     (tmp_path / "models/qlora").mkdir()
     (tmp_path / "train.jsonl").write_text("{}\n")
     adapter = tmp_path / "models/qlora/adapter_model.safetensors"
-    spec = method_spec(Params(), "sequential_ensemble")
+    spec = method_spec(default_params(), "sequential_ensemble")
     adapter.write_bytes(b"first adapter")
-    before = fingerprint(spec, Params(), tmp_path / "train.jsonl", tmp_path / "models")
+    before = fingerprint(spec, default_params(), tmp_path / "train.jsonl", tmp_path / "models")
     adapter.write_bytes(b"retrained adapter")
-    assert fingerprint(spec, Params(), tmp_path / "train.jsonl", tmp_path / "models") != before
+    assert fingerprint(spec, default_params(), tmp_path / "train.jsonl", tmp_path / "models") != before
