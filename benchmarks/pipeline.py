@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ftstudy.atomic import read_json, write_json  # noqa: E402
-from ftstudy.params import Params, load_params, parse_params  # noqa: E402
+from ftstudy.params import Params, default_params, load_params  # noqa: E402
 
 TRAINED = {"train_qlora": "qlora", "train_lora_wide": "lora_wide", "train_galore": "galore",
            "train_sequential_ensemble": "sequential_ensemble"}
@@ -55,21 +55,11 @@ def run_stage(name: str, force: bool) -> dict:
     return {"stage": name, "wall_s": seconds, "ran": f"Running stage '{name}'" in proc.stdout}
 
 
-def compose(profile: str, out: Path) -> None:
-    """params.yaml of ``profile``, composed as `dvc exp run -S profile=...` composes it."""
+def write_params(profile: str, out: Path) -> None:
+    """params.yaml of ``profile``, written as `dvc exp run -S profile=...` writes it."""
     from dvc.utils.hydra import compose_and_dump
 
     compose_and_dump(out, os.fspath(ROOT / "conf"), None, "config", "", [f"profile={profile}"])
-
-
-def full_study() -> Params:
-    import tempfile
-
-    import yaml
-
-    with tempfile.TemporaryDirectory() as td:
-        compose("full", Path(td) / "params.yaml")
-        return parse_params(yaml.safe_load((Path(td) / "params.yaml").read_text()))
 
 
 def extrapolate(timings: dict[str, dict], measured: Params, study: Params) -> dict:
@@ -118,7 +108,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     if args.profile:
-        compose(args.profile, ROOT / "params.yaml")
+        write_params(args.profile, ROOT / "params.yaml")
     wanted = args.stages or stage_names()
     args.log.parent.mkdir(parents=True, exist_ok=True)
     done = {}
@@ -137,7 +127,7 @@ def main(argv=None) -> dict:
             fh.write(json.dumps(rec) + "\n")
         print(json.dumps(rec), flush=True)
     measured = load_params()
-    rows = extrapolate({n: done[n] for n in wanted}, measured, full_study())
+    rows = extrapolate({n: done[n] for n in wanted}, measured, default_params("full"))
     gpu = None
     try:
         import torch
