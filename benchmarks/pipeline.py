@@ -4,7 +4,9 @@
     python benchmarks/pipeline.py --stages train_qlora evaluate@qlora --force       # some stages again
 
 ``--profile`` composes params.yaml from conf/ for that profile first, as `dvc exp run -S profile=...` does (it
-rewrites params.yaml in the working tree; `git checkout params.yaml` restores the committed one).
+rewrites params.yaml in the working tree; `git checkout params.yaml` restores the committed one); ``--set KEY=VALUE``
+adds overrides to it, as `-S` does (e.g. ``--set model.random.tokenizer_dir=/path`` on a machine without the
+GGUF package).
 
 Each stage runs as `dvc repro --single-item <stage>` in dvc.yaml's order, timed from outside. A stage DVC finds
 up to date is recorded as skipped. Timings go to a log as each stage ends (``--log``, kept where git ignores it),
@@ -55,11 +57,11 @@ def run_stage(name: str, force: bool) -> dict:
     return {"stage": name, "wall_s": seconds, "ran": f"Running stage '{name}'" in proc.stdout}
 
 
-def write_params(profile: str, out: Path) -> None:
-    """params.yaml of ``profile``, written as `dvc exp run -S profile=...` writes it."""
+def write_params(profile: str, overrides: list[str], out: Path) -> None:
+    """params.yaml of ``profile`` and ``overrides``, written as `dvc exp run -S profile=... -S ...` writes it."""
     from dvc.utils.hydra import compose_and_dump
 
-    compose_and_dump(out, os.fspath(ROOT / "conf"), None, "config", "", [f"profile={profile}"])
+    compose_and_dump(out, os.fspath(ROOT / "conf"), None, "config", "", [f"profile={profile}", *overrides])
 
 
 def extrapolate(timings: dict[str, dict], measured: Params, study: Params) -> dict:
@@ -99,6 +101,7 @@ def extrapolate(timings: dict[str, dict], measured: Params, study: Params) -> di
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", help="compose params.yaml for this profile first (e.g. study_random)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides, with --profile")
     parser.add_argument("--stages", nargs="+", help="these stages only (default: all, in dvc.yaml's order)")
     parser.add_argument("--force", action="store_true", help="rerun stages that are up to date")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
@@ -107,8 +110,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     os.chdir(ROOT)
+    if args.set and not args.profile:
+        parser.error("--set needs --profile (it composes params.yaml)")
     if args.profile:
-        write_params(args.profile, ROOT / "params.yaml")
+        write_params(args.profile, args.set, ROOT / "params.yaml")
     wanted = args.stages or stage_names()
     args.log.parent.mkdir(parents=True, exist_ok=True)
     done = {}

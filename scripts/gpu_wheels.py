@@ -7,6 +7,10 @@ bitsandbytes, galore-torch, liger-kernel) at the versions installed here, drops 
 ``--have`` (one name a line: what the target image already holds), and fetches the rest for the target: a
 binary wheel where PyPI has one, else a wheel built here from the source distribution (pure-Python packages
 such as rouge-score publish none). Prints the total size, and the install command to run there.
+
+bitsandbytes' wheel holds a library for every CUDA and ROCm version it supports (43 MB of 62); ``--cuda 130``
+rewrites it with only the CUDA 13.0 library (the one a torch built for CUDA 13.0 loads), so that everything fits
+one 64 MiB carry.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import importlib.metadata as md
 import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -60,15 +65,36 @@ def fetch(name: str, version: str, out: Path) -> str:
     return "built"
 
 
+def keep_one_cuda(wheel: Path, cuda: str) -> None:
+    """Rewrite bitsandbytes' wheel without the GPU libraries of other CUDA and ROCm versions (RECORD to match)."""
+    other = re.compile(rf"libbitsandbytes_(rocm\d+|cuda(?!{cuda}\.)\d+)\.so$")
+    tmp = wheel.with_suffix(".tmp")
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as dst:
+        names = [n for n in src.namelist() if not other.search(n)]
+        if not any(f"libbitsandbytes_cuda{cuda}.so" in n for n in names):
+            raise SystemExit(f"{wheel.name} has no library for CUDA {cuda}")
+        for name in names:
+            data = src.read(name)
+            if name.endswith(".dist-info/RECORD"):
+                data = "".join(line for line in data.decode().splitlines(keepends=True)
+                               if not other.search(line.split(",")[0])).encode()
+            dst.writestr(src.getinfo(name), data)
+    tmp.replace(wheel)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--have", type=Path, required=True, help="packages the target already has, one a line")
     parser.add_argument("--out", type=Path, default=Path(".whl"))
+    parser.add_argument("--cuda", help="keep only this CUDA version's bitsandbytes library (e.g. 130 for CUDA 13.0)")
     args = parser.parse_args()
     have = {norm(line.split("==")[0].strip()) for line in args.have.read_text().splitlines() if line.strip()}
     args.out.mkdir(parents=True, exist_ok=True)
     for name, version in sorted(closure(ROOTS, have).items()):
         print(f"{name}=={version}: {fetch(name, version, args.out)}", flush=True)
+    if args.cuda:
+        for wheel in args.out.glob("bitsandbytes-*.whl"):
+            keep_one_cuda(wheel, args.cuda)
     size = sum(f.stat().st_size for f in args.out.glob("*.whl"))
     print(f"\n{len(list(args.out.glob('*.whl')))} wheels, {size / 2**20:.1f} MiB in {args.out}; install there with\n"
           f"  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site {args.out}/*.whl "
