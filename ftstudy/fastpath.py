@@ -68,10 +68,9 @@ def compile_layers(model, cuda_graphs: bool = False, shapes: int = 8) -> None:
     tokens, took 0.235 s a step compiled with the checkpoint around each layer, 0.174 s with it inside, 0.089 s
     replayed as CUDA graphs (benchmarks/profile_step.py).
 
-    With CUDA graphs, rows are padded to one width and only their count varies (packing: up to ``shapes``, the
-    batch size): each count gets a static graph. A graph with a symbolic row count, which the compiler tries at
-    the second count, failed to compile for QLoRA on an H100 (inductor's partitioner: "Node add_714 was invalid,
-    but is output").
+    Batches come in a few shapes (training.Collator's width buckets, at most ``shapes``): each gets a static graph.
+    A graph with a symbolic dimension, which the compiler tries at the second shape unless ``dynamic=False``,
+    failed to compile for QLoRA on an H100 (inductor's partitioner: "Node add_714 was invalid, but is output").
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Dynamo's DDP optimizer splits graphs compiled inside a DDP forward at gradient-bucket boundaries; for
@@ -79,7 +78,7 @@ def compile_layers(model, cuda_graphs: bool = False, shapes: int = 8) -> None:
         # wrong rank with wide LoRA). DDP then reduces each layer's gradients after its compiled backward.
         torch._dynamo.config.optimize_ddp = False
     options = {"mode": "reduce-overhead", "dynamic": False} if cuda_graphs else {}
-    if cuda_graphs:  # the layers share their graphs (their weights are graph inputs): one entry per row count
+    if cuda_graphs:  # the layers share their graphs (their weights are graph inputs): one entry per batch shape
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
     for layer in causal_lm(model).model.layers:
         trace_4bit_linears(layer)

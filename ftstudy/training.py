@@ -122,6 +122,8 @@ def compute_dtype() -> torch.dtype:
 
 # ---------------------------------------------------------------- data
 
+WIDTH_BUCKETS = 4  # batch widths under compiled layers: max_seq_len / 4, / 2, 3/4 and whole
+
 
 class Collator:
     """Batches tokenized examples.
@@ -139,14 +141,19 @@ class Collator:
     ``num_tokens`` (the non-padding tokens) rides along for the throughput metrics.
     """
 
-    def __init__(self, pad_id: int, pack: bool = False, row_len: int | None = None, full_rows: bool = False):
+    def __init__(self, pad_id: int, pack: bool = False, row_len: int | None = None, width_buckets: int = 0):
         self.pad_id = pad_id
         self.pack = pack
         self.row_len = row_len
-        self.full_rows = full_rows  # rows padded to row_len, not to the fullest row (one shape for CUDA graphs)
+        # > 0: rows padded up to the next of that many equal steps of row_len, not to the fullest row, so that
+        # batches come in at most that many shapes (each one is compiled and recorded as a CUDA graph once).
+        self.width_buckets = width_buckets
 
     def _width(self, fullest: int) -> int:
-        return max(fullest, self.row_len) if self.full_rows and self.row_len else fullest
+        if not (self.width_buckets and self.row_len):
+            return fullest
+        step = -(-self.row_len // self.width_buckets)
+        return min(max(-(-fullest // step) * step, step), max(self.row_len, fullest))
 
     def rows(self, lengths: list[int]) -> list[list[int]]:
         """Example indices per row, first-fit decreasing into rows of ``row_len`` (one per example if None)."""
@@ -569,17 +576,19 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
         logging_steps=1, save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
         bf16=cuda, use_cpu=not cuda, seed=params.seed, data_seed=params.seed, report_to="none",
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not params.ui.progress_bar, **optim_kwargs,
-        # No short last batch of an epoch: with compiled layers and full rows every batch then has one shape,
-        # compiled (and recorded as a CUDA graph) once for the whole run.
+        # No short last batch of an epoch: with compiled layers every batch then has as many rows, and its width
+        # one of a few (the collator's buckets), each compiled (and recorded as a CUDA graph) once for the run.
         dataloader_drop_last=True,
     )
     if distributed.world_size() == 1 and args.n_gpu > 1:
         # With several GPUs visible to one process the Trainer wraps the model in nn.DataParallel and multiplies
         # the batch by the GPU count. One process trains on one GPU; train.num_processes > 1 uses several (DDP).
         args._n_gpu = 1
-    # CUDA graphs are recorded per batch shape: full rows (and no short last batch) leave one shape to record.
+    # Compiled layers are compiled (and CUDA graphs recorded) per batch shape: widths in a few steps of max_seq_len
+    # and no short last batch leave at most WIDTH_BUCKETS shapes, yet short rows are not padded to max_seq_len.
     packed = packed_batches(t.packing, levers)
-    collator = Collator(tokenizer.pad_token_id, pack=packed, row_len=t.max_seq_len, full_rows="cuda_graphs" in levers)
+    collator = Collator(tokenizer.pad_token_id, pack=packed, row_len=t.max_seq_len,
+                        width_buckets=WIDTH_BUCKETS if "compiled_layers" in levers else 0)
     trainer = completion_trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator,
                       callbacks=[] if live_dir is None else [_curve_callback(Path(live_dir), resume=last is not None)])
     throughput = _throughput_callback(trainer, compiled="compiled_layers" in levers,

@@ -121,9 +121,12 @@ def test_cuda_graph_settings_and_their_refusals(monkeypatch):
     parse_params(raw)
 
 
-def test_full_rows_give_one_batch_shape_for_cuda_graphs():
-    """CUDA graphs are recorded per shape: with full_rows every batch is rows x row_len, packed or padded."""
+def test_width_buckets_give_a_few_batch_shapes_for_compiled_layers():
+    """Compiled layers compile (and record) per shape: widths round up to steps of row_len, packed or padded."""
     examples = [{"input_ids": [5] * n, "labels": [5] * n} for n in (6, 3, 2)]
-    assert Collator(0, pack=True, row_len=10, full_rows=True)(examples)["input_ids"].shape == (2, 10)
+    assert Collator(0, pack=True, row_len=12, width_buckets=4)(examples)["input_ids"].shape == (1, 12)
     assert Collator(0, pack=True, row_len=10)(examples)["input_ids"].shape == (2, 9)
-    assert Collator(0, row_len=10, full_rows=True)(examples)["input_ids"].shape == (3, 10)
+    assert Collator(0, row_len=12, width_buckets=4)(examples)["input_ids"].shape == (3, 6)
+    assert Collator(0, row_len=12, width_buckets=4)(examples[1:])["input_ids"].shape == (2, 3)
+    assert Collator(0, row_len=12, width_buckets=1)(examples[1:])["input_ids"].shape == (2, 12)
+    assert Collator(0, row_len=12)(examples[1:])["input_ids"].shape == (2, 3)
