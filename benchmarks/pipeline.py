@@ -15,9 +15,10 @@ where the last call stopped: ``--budget-s`` stops before a stage once that many 
 
 The extrapolation to the study reads the full profile (conf/profile/full.yaml): its steps per method, test prompts
 and new tokens, and scales what each stage measured: training by its steady tokens/s plus its one-off costs
-(compilation, GaLore's projections, repeated at the study's projection interval) plus the stage's load and save
-time; generation by its generated tokens/s at the study's prompts x new tokens (random weights never stop early,
-so this is the upper bound); the re-rank by its prompt count. Data stages and the report are taken as measured.
+(the first step, compiling and recording each batch shape, GaLore's projections repeated at the study's
+projection interval) plus the stage's load and save
+time; generation by its seconds scaled by the prompts x new tokens (an upper bound: a fine-tuned model that
+stops early, and the decoder's one-off compilation, are scaled too); the re-rank likewise. Data stages and the report are taken as measured.
 """
 
 from __future__ import annotations
@@ -81,15 +82,16 @@ def extrapolate(timings: dict[str, dict], measured: Params, study: Params) -> di
                 per_step = m["trained_tokens"] / m["steps"]
                 projection = once.get("projection", 0.0) / counts["projection"] if counts.get("projection") else 0.0
                 extra = projection * (steps[method] // gaps[method]) if method in gaps else 0.0
+                fixed = sum(v for k, v in once.items() if k != "projection")  # first step, compiling, recording
                 row.update(tokens_per_s=rate, tokens_per_step=round(per_step, 1), peak_memory_gb=m["peak_memory_gb"],
                            study_steps=steps[method],
-                           study_s=round(t["wall_s"] - m["train_seconds"] + once.get("first_step", 0.0)
-                                         + once.get("new_shape", 0.0) + extra + steps[method] * per_step / rate, 1))
+                           study_s=round(t["wall_s"] - m["train_seconds"] + fixed + extra + steps[method] * per_step / rate, 1))
         elif name.startswith("evaluate@") and Path(f"metrics/eval/{name.split('@')[1]}.json").exists():
             g = read_json(f"metrics/eval/{name.split('@')[1]}.json")["generation"]
-            tokens = prompts * study.evaluate.max_new_tokens
-            row.update(generated_tokens_per_s=g["generated_tokens_per_s"], study_generated_tokens=tokens,
-                       study_s=round(t["wall_s"] - g["generate_seconds"] + tokens / g["generated_tokens_per_s"], 1))
+            scale = prompts / measured_prompts * study.evaluate.max_new_tokens / measured.evaluate.max_new_tokens
+            row.update(generated_tokens_per_s=g["generated_tokens_per_s"], generate_seconds=g["generate_seconds"],
+                       study_generated_tokens=prompts * study.evaluate.max_new_tokens,
+                       study_s=round(t["wall_s"] - g["generate_seconds"] + g["generate_seconds"] * scale, 1))
         elif name == "evaluate_rerank" and Path("metrics/eval/rerank.json").exists():
             g = read_json("metrics/eval/rerank.json")["generation"]
             scale = prompts / measured_prompts * study.rerank.k / measured.rerank.k
@@ -144,7 +146,8 @@ def main(argv=None) -> dict:
     result = {
         "profile": measured.profile, "model_source": measured.model.source, "gpu": gpu,
         "note": "measured on this profile; study_s extrapolates each stage to the full profile's steps, prompts and "
-                "new tokens from the measured rates (random weights: generation never stops early)",
+                "new tokens from the measured rates (generation: its seconds scaled by prompts x new tokens, an upper "
+                "bound)",
         "stages": rows,
         "measured_wall_s": round(sum(done[n]["wall_s"] for n in wanted), 1),
         "skipped": [n for n in wanted if not done[n]["ran"]],
