@@ -73,7 +73,7 @@ def layerwise(steps: int = 6) -> dict:
 
     from ftstudy.arch import GEMMA3_1B
     from ftstudy.galore import LayerwiseGaLore
-    from ftstudy.training import galore_target_patterns
+    from ftstudy.methods import galore_target_patterns
 
     config = Gemma3TextConfig(**{**GEMMA3_1B, "num_hidden_layers": 2, "vocab_size": 32768})
     torch.manual_seed(0)

@@ -31,8 +31,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from train_methods import build_base, write_train_data  # noqa: E402
 
+from ftstudy.methods import method_spec  # noqa: E402
 from ftstudy.params import Params, default_params  # noqa: E402
-from ftstudy.training import method_spec, train  # noqa: E402
+from ftstudy.training import train  # noqa: E402
 
 RUNS = [("galore", "fsdp"), ("lora_wide", "ddp"), ("qlora", "ddp")]
 

@@ -33,7 +33,7 @@ def build(method: str, variant: str, liger: bool, compiled: bool, base_dir: Path
     checkpoint around each compiled layer, as before), "off" (no recomputation).
     """
     from ftstudy import fastpath
-    from ftstudy.loss import causal_lm
+    from ftstudy.models import causal_lm
 
     params = bench_params(variant, True, keep)
     params = dataclasses.replace(params, train=dataclasses.replace(

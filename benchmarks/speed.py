@@ -10,7 +10,7 @@ instruction tuning), the same learning rate, and an optimizer built by transform
 - baseline, the plain stack as the seeds ran it: transformers + peft recipes (``prepare_model_for_kbit_training``
   for QLoRA), ``model(input_ids, labels=...)`` (full fp32 logits at every position), gradient checkpointing
   on every layer, bf16 autocast as ``Trainer(bf16=True)`` does, ``adamw_torch`` / ``galore_adamw_8bit``;
-- project: ``ftstudy.training.prepare_model`` and ``completion_loss``, i.e. exactly what the training stages
+- project: ``ftstudy.prepare.prepare_model`` and ``completion_loss``, i.e. exactly what the training stages
   run (fused head loss, the levers of ftstudy.fastpath, layer-wise 8-bit GaLore, fused AdamW), with the
   same checkpointing.
 
@@ -103,7 +103,7 @@ def make_optimizer(model, optim_kwargs: dict, lr: float, cuda: bool, workdir: Pa
     (ftstudy.galore's layer-wise GaLore)."""
     from transformers import Trainer, TrainingArguments
 
-    from ftstudy.training import completion_trainer_class
+    from ftstudy.trainer import completion_trainer_class
 
     args = TrainingArguments(output_dir=str(workdir), learning_rate=lr, weight_decay=0.0, report_to="none",
                              bf16=cuda, use_cpu=not cuda, **optim_kwargs)
@@ -113,7 +113,8 @@ def make_optimizer(model, optim_kwargs: dict, lr: float, cuda: bool, workdir: Pa
 
 def build_variant(method: str, variant: str, base_dir: Path, cuda: bool, params: Params | None = None):
     """Model, optimizer, applied levers and optimizer name of one variant, checkpointing on in both."""
-    from ftstudy.training import enable_checkpointing, method_spec, optimizer_kwargs, prepare_model
+    from ftstudy.methods import method_spec, optimizer_kwargs
+    from ftstudy.prepare import enable_checkpointing, prepare_model
 
     params = params or bench_params(variant, cuda)
     spec = method_spec(params, method)

@@ -25,10 +25,11 @@ sys.path.insert(0, str(ROOT))
 from ftstudy import synthetic  # noqa: E402
 from ftstudy.arch import GEMMA3_1B  # noqa: E402
 from ftstudy.atomic import write_json, write_jsonl  # noqa: E402
+from ftstudy.methods import METHODS, method_spec  # noqa: E402
 from ftstudy.models import tiny_config, train_tiny_tokenizer  # noqa: E402
 from ftstudy.params import default_params  # noqa: E402
 from ftstudy.sources import convert_rows  # noqa: E402
-from ftstudy.training import METHODS, method_spec, train  # noqa: E402
+from ftstudy.training import train  # noqa: E402
 
 
 def build_base(arch: str, out: Path) -> None:

@@ -17,12 +17,8 @@ import torch
 from ftstudy.atomic import read_jsonl, sha256_file, write_json, write_jsonl
 from ftstudy.generation import generate
 from ftstudy.metrics import score_by_source
-from ftstudy.models import load_model, load_tokenizer, merged_model
+from ftstudy.models import compute_dtype, device_kind, load_model, load_tokenizer, merged_model
 from ftstudy.params import Params
-
-
-def _device_dtype() -> tuple[str, torch.dtype]:
-    return ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
 
 
 def load_for_eval(model_dir: str | Path, base_dir: str | Path):
@@ -31,7 +27,7 @@ def load_for_eval(model_dir: str | Path, base_dir: str | Path):
     QLoRA's adapter too: merged into the unquantized base is how such adapters are usually served, and it
     puts every adapter on the same base.
     """
-    device, dtype = _device_dtype()
+    device, dtype = device_kind(), compute_dtype()
     model_dir = Path(model_dir)
     if (model_dir / "adapter_config.json").exists():
         return merged_model(Path(base_dir), model_dir, dtype).to(device).eval()
@@ -55,7 +51,7 @@ def write_results(name: str, records: list[dict], predictions: list[str], extra:
         row["rouge_l_f1"] = round(item, 6)
         if extra_rows:
             row.update(extra_rows[i])
-    device, _ = _device_dtype()
+    device = device_kind()
     metrics = {"model": name, "profile": params.profile, **scores,
                "generation": {**extra, "max_new_tokens": params.evaluate.max_new_tokens,
                               "batch_size": params.evaluate.batch_size, "device": device,

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ftstudy.errors import UserError
-from ftstudy.loss import causal_lm
+from ftstudy.models import causal_lm
 
 
 def liger_installed() -> bool:
@@ -68,7 +68,7 @@ def compile_layers(model, cuda_graphs: bool = False, shapes: int = 8) -> None:
     tokens, took 0.235 s a step compiled with the checkpoint around each layer, 0.174 s with it inside, 0.089 s
     replayed as CUDA graphs (benchmarks/profile_step.py).
 
-    Batches come in a few shapes (training.Collator's width buckets, at most ``shapes``): each gets a static graph.
+    Batches come in a few shapes (batches.Collator's width buckets, at most ``shapes``): each gets a static graph.
     A graph with a symbolic dimension, which the compiler tries at the second shape unless ``dynamic=False``,
     failed to compile for QLoRA on an H100 (inductor's partitioner: "Node add_714 was invalid, but is output").
     """

@@ -14,22 +14,8 @@ from types import MethodType
 import torch
 import torch.nn.functional as F
 
+from ftstudy.models import causal_lm
 from ftstudy.prompt import IGNORE_INDEX
-
-
-def causal_lm(model):
-    """The *ForCausalLM module under PEFT / DDP wrappers (it owns .model and .lm_head)."""
-    # PEFT wrappers forward attribute access to the wrapped model, so unwrap explicitly before looking for lm_head.
-    while True:
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        elif isinstance(getattr(model, "module", None), torch.nn.Module):
-            model = model.module
-        elif hasattr(model, "lm_head") and hasattr(model, "model"):
-            return model
-        else:
-            raise TypeError(f"{type(model).__name__} has no lm_head to compute a completion loss with")
-
 
 LOGIT_CHUNK_BYTES = 256 * 2**20  # fp32 logits alive at once: 256 rows of Gemma 3's 262,144-way vocabulary
 
@@ -38,7 +24,7 @@ def _chunk_rows(vocab: int) -> int:
     return max(1, LOGIT_CHUNK_BYTES // (4 * vocab))
 
 
-def _head_ce(lm, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+def head_ce(lm, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     """Cross-entropy through the head, autograd all the way: for scoring and for heads the fused path cannot take."""
     logits = lm.lm_head(hidden).float()
     cap = getattr(lm.config, "final_logit_softcapping", None)
@@ -109,7 +95,7 @@ def labelled_ce(lm, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     falls back to chunks under activation checkpointing, whose logits are rebuilt in the backward.
     """
     if not torch.is_grad_enabled():
-        return _head_ce(lm, hidden, targets)
+        return head_ce(lm, hidden, targets)
     weight = lm.lm_head.weight
     chunk = _chunk_rows(weight.shape[0])
     if _fusable(lm):
@@ -117,13 +103,13 @@ def labelled_ce(lm, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     if hidden.shape[0] <= chunk or _fsdp_managed(lm) or _fsdp_managed(lm.lm_head):
         # Under FSDP the head's weight is whole only inside its own forward: a chunk recomputed in the backward
         # would meet the sharded weight. FSDP runs hold the labelled positions' logits at once instead.
-        return _head_ce(lm, hidden, targets)
+        return head_ce(lm, hidden, targets)
     from torch.utils.checkpoint import checkpoint
 
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
         part = slice(start, start + chunk)
-        total = total + checkpoint(_head_ce, lm, hidden[part], targets[part], use_reentrant=False)
+        total = total + checkpoint(head_ce, lm, hidden[part], targets[part], use_reentrant=False)
     return total
 
 
@@ -145,7 +131,7 @@ def completion_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
     Returns the mean over those tokens, or their sum divided by ``num_items`` when given (the token
     count of the whole accumulated batch, so gradient accumulation weighs every token equally). A packed batch
-    (see training.Collator) comes with ``position_ids`` and no attention mask.
+    (see batches.Collator) comes with ``position_ids`` and no attention mask.
 
     The call goes through ``model`` itself, whatever wraps the causal LM (PEFT, DDP, FSDP): DDP synchronises
     gradients and FSDP gathers weights only for a forward that passes through them. For that one call the

@@ -182,6 +182,29 @@ def _tiny_random(t: TinyModelParams, out: Path) -> dict:
     return {"source": "tiny_random", "model_id": "tiny-random-gemma3 (NOT a pretrained model)", "seed": t.seed}
 
 
+def device_kind() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype() -> torch.dtype:
+    # bf16 on GPU as the seeds did; fp32 on CPU, where bf16 matmuls are slow and less exact.
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def causal_lm(model):
+    """The *ForCausalLM module under PEFT / DDP wrappers (it owns .model and .lm_head)."""
+    # PEFT wrappers forward attribute access to the wrapped model, so unwrap explicitly before looking for lm_head.
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "lm_head") and hasattr(model, "model"):
+            return model
+        else:
+            raise TypeError(f"{type(model).__name__} has no lm_head to compute a completion loss with")
+
+
 def load_tokenizer(path: str | Path, padding_side: str = "left"):
     from transformers import AutoTokenizer
 

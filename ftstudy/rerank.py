@@ -14,7 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ftstudy.generation import left_pad
-from ftstudy.loss import _head_ce, causal_lm
+from ftstudy.loss import head_ce
+from ftstudy.models import causal_lm
 from ftstudy.prompt import clean_generation, tokenize_prompt
 
 
@@ -37,7 +38,7 @@ def mean_logprob(model, prompt_ids: list[list[int]], completion_ids: list[list[i
     for row, c in enumerate(completion_ids):
         keep[row, width - len(c):] = True
     targets = ids[:, 1:][keep[:, 1:]]
-    nll = _head_ce(lm, hidden[:, :-1][keep[:, 1:]], targets, reduction="none")
+    nll = head_ce(lm, hidden[:, :-1][keep[:, 1:]], targets, reduction="none")
     lengths = [len(c) for c in completion_ids]
     return [float(-part.mean()) for part in torch.split(nll, lengths)]
 

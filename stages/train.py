@@ -8,8 +8,9 @@ import torch
 from ftstudy import distributed
 from ftstudy.atomic import write_json
 from ftstudy.errors import run_stage
+from ftstudy.methods import METHODS, method_spec
 from ftstudy.params import load_params
-from ftstudy.training import METHODS, method_spec, train
+from ftstudy.training import train
 
 
 def main() -> None:

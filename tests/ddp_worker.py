@@ -4,8 +4,9 @@ import json
 import sys
 from pathlib import Path
 
+from ftstudy.methods import method_spec
 from ftstudy.params import default_params
-from ftstudy.training import method_spec, train
+from ftstudy.training import train
 
 workdir, processes = Path(sys.argv[1]), int(sys.argv[2])
 params = default_params(train=dict(batch_size=4, max_seq_len=96, max_prompt_tokens=64, save_steps=100, warmup_steps=0,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from ftstudy.data import fetch_data, preprocess
+from ftstudy.methods import method_spec
 from ftstudy.params import default_params
-from ftstudy.training import method_spec, train
+from ftstudy.training import train
 
 
 def _data(tmp, tokenizer):

@@ -14,8 +14,8 @@ from test_training import _records
 from ftstudy import distributed
 from ftstudy.atomic import write_jsonl
 from ftstudy.errors import UserError
+from ftstudy.methods import method_spec
 from ftstudy.params import default_params
-from ftstudy.training import method_spec
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 

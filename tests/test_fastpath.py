@@ -9,12 +9,15 @@ import pytest
 import torch
 
 from ftstudy import fastpath, synthetic
+from ftstudy.batches import Collator
 from ftstudy.errors import UserError
-from ftstudy.loss import causal_lm, completion_loss
+from ftstudy.loss import completion_loss
+from ftstudy.methods import method_spec
+from ftstudy.models import causal_lm
 from ftstudy.params import Params, ParamsError, default_params, parse_params, to_dict
+from ftstudy.prepare import prepare_model
 from ftstudy.prompt import tokenize_example
 from ftstudy.sources import convert_rows
-from ftstudy.training import Collator, method_spec, prepare_model
 
 
 def _batch(tokenizer, n=4):

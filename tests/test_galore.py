@@ -9,7 +9,7 @@ from torch import nn
 
 from ftstudy import galore
 from ftstudy.galore import LayerwiseGaLore
-from ftstudy.training import galore_target_patterns
+from ftstudy.methods import galore_target_patterns
 
 pytest.importorskip("galore_torch")
 pytest.importorskip("bitsandbytes")

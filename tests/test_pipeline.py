@@ -274,3 +274,37 @@ def test_pipeline_benchmark_times_stages_and_extrapolates_to_the_study(micro_rep
     assert (repo / "metrics/train/qlora.json").stat().st_mtime_ns == trained_at  # nothing ran again
     assert len((repo / ".pipeline/timings.jsonl").read_text().splitlines()) == 2
     assert json.loads((repo / "timings.json").read_text()) == got
+
+
+# Imported by nearly every stage as plumbing (params schema, atomic writes, errors, the hub guard, reference shapes,
+# the data generator that models' tiny tokenizer trains on): neither required as deps nor followed.
+PLUMBING = {"params", "atomic", "errors", "hub", "arch", "synthetic", "__init__"}
+
+
+def _ftstudy_imports(path: Path, seen: set[str]) -> set[str]:
+    import ast
+
+    for node in ast.parse(path.read_text()).body:  # module-level imports (a function's own import is not followed)
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ftstudy"):
+            names = [node.module] + ([f"ftstudy.{a.name}" for a in node.names] if node.module == "ftstudy" else [])
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.startswith("ftstudy.")]
+        for name in names:
+            mod = name.split(".")[1] if "." in name else None
+            if mod and mod not in seen and mod not in PLUMBING and (ROOT / "ftstudy" / f"{mod}.py").exists():
+                seen.add(mod)
+                _ftstudy_imports(ROOT / "ftstudy" / f"{mod}.py", seen)
+    return seen
+
+
+def test_every_stage_lists_the_library_modules_it_runs_as_deps():
+    """Editing a module a stage runs reruns that stage: dvc.yaml's deps name every ftstudy module its script
+    imports, directly or through other modules (plumbing aside)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        script = stage["cmd"].split()[1]
+        deps = {d for d in stage.get("deps", []) if isinstance(d, str)}
+        used = _ftstudy_imports(ROOT / script, set())
+        missing = sorted(f"ftstudy/{m}.py" for m in used if f"ftstudy/{m}.py" not in deps)
+        assert not missing, f"stage {name} runs {missing} but does not list them as deps"

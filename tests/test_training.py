@@ -10,12 +10,14 @@ import torch.nn.functional as F
 
 from ftstudy import synthetic
 from ftstudy.atomic import write_jsonl
+from ftstudy.batches import Collator
 from ftstudy.errors import UserError
 from ftstudy.loss import completion_loss
+from ftstudy.methods import check_hardware, method_spec
 from ftstudy.params import Params, default_params
 from ftstudy.prompt import IGNORE_INDEX, tokenize_example
 from ftstudy.sources import convert_rows
-from ftstudy.training import Collator, check_hardware, method_spec, train
+from ftstudy.training import train
 
 
 def _records(n=24, seed=0):
@@ -120,8 +122,8 @@ def test_packing_fills_rows_first_fit_decreasing_and_never_exceeds_the_row_lengt
 
 
 def test_compiled_layers_get_padded_batches_and_uncompiled_ones_packed_as_configured():
-    """Compiled layers computed wrong gradients for packed rows on an H200 (ftstudy.training.packed_batches)."""
-    from ftstudy.training import packed_batches
+    """Compiled layers computed wrong gradients for packed rows on an H200 (ftstudy.batches.packed_batches)."""
+    from ftstudy.batches import packed_batches
 
     assert packed_batches(True, ["fused_linear_cross_entropy", "liger_kernels"])
     assert not packed_batches(True, ["fused_linear_cross_entropy", "compiled_layers", "cuda_graphs"])
@@ -132,7 +134,7 @@ def test_compiled_layers_see_at_most_width_buckets_batch_shapes_in_a_whole_run()
     """Compiled layers get padded batches whose widths round up to a few steps of max_seq_len, and the epoch's
     short last batch is dropped, so the layers compile and record a handful of shapes for any number of rows (a
     packed batch's row count, or a padded one's fullest row, would vary from batch to batch)."""
-    from ftstudy.training import WIDTH_BUCKETS, Collator, packed_batches
+    from ftstudy.batches import WIDTH_BUCKETS, Collator, packed_batches
 
     g = torch.Generator().manual_seed(0)
     examples = [{"input_ids": [5] * n, "labels": [-100] + [5] * (n - 1)}
@@ -254,8 +256,8 @@ def test_layerwise_galore_follows_the_learning_rate_schedule(workdir, tiny_model
 
 
 def test_keep_activations_exempts_the_last_layers_from_checkpointing(tiny_model_dir):
-    from ftstudy.loss import causal_lm
-    from ftstudy.training import prepare_model
+    from ftstudy.models import causal_lm
+    from ftstudy.prepare import prepare_model
 
     for keep in (0, 1):
         params = _tiny_params(tiny_model_dir)
@@ -328,7 +330,7 @@ def test_fused_and_chunked_losses_equal_the_plain_loss_and_gradients(tiny_model_
 
 
 def test_the_hybrids_checkpoints_are_tied_to_the_qlora_adapter_it_starts_from(tmp_path):
-    from ftstudy.training import fingerprint
+    from ftstudy.checkpoints import fingerprint
 
     (tmp_path / "models/base").mkdir(parents=True)
     (tmp_path / "models/qlora").mkdir()
@@ -346,13 +348,13 @@ def test_throughput_sets_apart_compiling_recording_and_projection_steps(monkeypa
     under CUDA graphs a shape's second step (torch records its graphs then), and GaLore's projection steps."""
     from types import SimpleNamespace
 
-    from ftstudy.training import _throughput_callback
+    from ftstudy.trainer import throughput_callback
 
     clock = iter(range(0, 1000, 2))  # every step takes 2 s
-    monkeypatch.setattr("ftstudy.training.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("ftstudy.trainer.time.perf_counter", lambda: next(clock))
     trainer = SimpleNamespace(tokens_trained=0, batch_shapes=[])
     state = SimpleNamespace(global_step=0)
-    cb = _throughput_callback(trainer, compiled=True, cuda_graphs=True, projection_gap=6)
+    cb = throughput_callback(trainer, compiled=True, cuda_graphs=True, projection_gap=6)
     cb.on_train_begin(None, state, None)
     for width in (64, 64, 64, 128, 64, 128, 128, 64):
         trainer.batch_shapes.append((8, width))
@@ -365,7 +367,7 @@ def test_throughput_sets_apart_compiling_recording_and_projection_steps(monkeypa
     assert summary["batch_shapes"] == 2
     assert summary["one_off_steps"] == {"first_step": 1, "recording": 2, "new_shape": 1, "projection": 1}
     assert summary["step_seconds"] == [2] * 8 and summary["steady_tokens_per_s"] == 50.0
-    eager = _throughput_callback(trainer, compiled=False, cuda_graphs=False, projection_gap=None)
+    eager = throughput_callback(trainer, compiled=False, cuda_graphs=False, projection_gap=None)
     eager.on_train_begin(None, state, None)
     trainer.batch_shapes.append((8, 64))
     state.global_step += 1

@@ -1,0 +1,57 @@
+"""Checkpoints of an interrupted training stage: which one to resume, and whether it may be resumed at all."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from ftstudy.atomic import sha256_file
+from ftstudy.methods import MethodSpec
+from ftstudy.params import Params
+
+
+def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest checkpoint whose trainer_state.json (the Trainer writes it last) is complete.
+
+    A run killed while saving leaves a half-written checkpoint-N; resuming from it would crash or,
+    worse, load partial state, so it is skipped in favour of the one before.
+    """
+    found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for ck in found:
+        try:
+            json.loads((ck / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        return ck
+    return None
+
+
+def truncate_curves(live_dir: Path, last_step: int) -> None:
+    """Drop curve rows logged after the checkpoint being resumed, which the resumed run logs again."""
+    for tsv in live_dir.glob("plots/metrics/**/*.tsv"):
+        lines = tsv.read_text().splitlines()
+        kept = lines[:1] + [ln for ln in lines[1:] if int(ln.split("\t")[0]) <= last_step]
+        tsv.write_text("\n".join(kept) + "\n")
+
+
+def fingerprint(spec: MethodSpec, params: Params, train_path: Path, models_dir: Path) -> str:
+    """What a checkpoint was made from; a checkpoint is resumed only when this matches.
+
+    Covers the start weights too: the base (its fetch_info.json lists every file's hash) and, for a method
+    that starts from another's adapter, that adapter's files, so a retrained QLoRA invalidates the hybrid's
+    checkpoints.
+    """
+    h = hashlib.sha256(json.dumps({"spec": asdict(spec), "train": asdict(params.train), "seed": params.seed},
+                                  sort_keys=True).encode())
+    h.update(train_path.read_bytes())
+    info = models_dir / "base" / "fetch_info.json"
+    if info.exists():
+        h.update(info.read_bytes())
+    if spec.starts_from:
+        for f in sorted((models_dir / spec.starts_from).glob("*")):
+            if f.is_file():
+                h.update(f"{f.name}:{sha256_file(f)}".encode())
+    return h.hexdigest()

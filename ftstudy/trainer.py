@@ -1,0 +1,173 @@
+"""The transformers Trainer with the project's loss and layer-wise GaLore, and the callbacks that measure a run:
+throughput with one-off costs set apart, peak memory, and the dvclive curves."""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from ftstudy import galore
+from ftstudy.loss import completion_loss
+from ftstudy.methods import LAYERWISE_OPTIMIZERS
+
+
+def completion_trainer_class():
+    from transformers import Trainer
+
+    class CompletionTrainer(Trainer):
+        """The transformers Trainer with the completion-only loss of ftstudy.loss."""
+
+        loss_is_scaled_for_ga = True  # the loss is normalised by the accumulated batch's token count
+        tokens_trained = 0  # counted here, not in the collator: the data loader prefetches a batch ahead
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.batch_shapes: list[tuple] = []  # since the last optimizer step (the throughput callback reads it)
+
+        def autocast_smart_context_manager(self, cache_enabled=True):
+            # accelerate puts bf16 autocast on the prepared model's forward. completion_loss stands in for the
+            # causal LM's forward, so where the causal LM is the prepared model (full-parameter training) that
+            # wrapper would be bypassed; autocast around the whole loss holds for every method.
+            if self.args.bf16 and torch.cuda.is_available():
+                return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache_enabled)
+            return super().autocast_smart_context_manager(cache_enabled)
+
+        def create_optimizer(self, model=None):
+            # transformers' own layer-wise GaLore never sees the learning-rate schedule (ftstudy.galore)
+            if self.optimizer is None and self.args.optim in LAYERWISE_OPTIMIZERS:
+                self.optimizer = galore.LayerwiseGaLore.from_trainer_args(model or self.model, self.args)
+            return super().create_optimizer(model)
+
+        def _layerwise(self):
+            opt = getattr(self.optimizer, "optimizer", self.optimizer)  # inside accelerate's wrapper
+            return opt if isinstance(opt, galore.LayerwiseGaLore) else None
+
+        def _clip_grad_norm(self, model):
+            # Layer-wise GaLore has updated every weight in its hook by now: there is nothing left to clip. The
+            # norm it measured is logged as grad_norm (the Trainer's own would read the emptied gradients as 0).
+            layerwise = self._layerwise()
+            return layerwise.grad_norm() if layerwise else super()._clip_grad_norm(model)
+
+        def _get_grad_norm(self, model, grad_norm=None):
+            layerwise = self._layerwise()
+            return layerwise.grad_norm().item() if layerwise else super()._get_grad_norm(model, grad_norm)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # Packed batches carry their token count (their padding has no attention mask); padded ones a mask.
+            count = inputs.pop("num_tokens", None)
+            self.tokens_trained += int(inputs["attention_mask"].sum() if count is None else count)
+            self.batch_shapes.append(tuple(inputs["input_ids"].shape))
+            if model.training:
+                # A new step for cudagraph trees: the previous step's graph outputs may be overwritten now.
+                torch.compiler.cudagraph_mark_step_begin()
+            loss = completion_loss(model, inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"],
+                                   num_items_in_batch, position_ids=inputs.get("position_ids"))
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+                # num_items_in_batch counts every worker's tokens and DDP averages gradients over workers:
+                # scale back up, as Trainer.compute_loss does, so N workers learn what one would.
+                loss = loss * self.accelerator.num_processes
+            return (loss, None) if return_outputs else loss
+
+    return CompletionTrainer
+
+
+def throughput_callback(trainer, compiled: bool, cuda_graphs: bool, projection_gap: int | None):
+    """Times every optimizer step and sorts out the steps that pay a one-off cost, for a steady rate.
+
+    One-off costs: the first step (kernel set-up), with compiled layers every step whose batch shape is new
+    (compilation), under CUDA graphs every step that meets a shape for the second time (torch records a shape's
+    graphs on its second call: 0.7-1.5 s for Gemma 3 1B on an H200, against 0.1 s replayed), and with GaLore
+    every step that recomputes the projections (galore-torch's step counts 0, gap, 2 x gap, ...). They are
+    reported apart, not averaged into the rate.
+    """
+    from collections import Counter
+
+    from transformers import TrainerCallback
+
+    class Throughput(TrainerCallback):
+        def __init__(self):
+            self.steps = []  # (step, seconds, tokens, what it also paid for, or None)
+            self.calls: Counter[tuple] = Counter()  # steps that met each batch shape
+
+        def _mark(self):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # the step's kernels are done (the loss logging syncs anyway)
+            self.t, self.n = time.perf_counter(), trainer.tokens_trained
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self._mark()
+            self.first = state.global_step  # > 0 when resumed
+
+        def on_step_end(self, args, state, control, **kwargs):
+            t, n = self.t, self.n
+            self._mark()
+            shapes = set(trainer.batch_shapes)
+            trainer.batch_shapes.clear()
+            met = {self.calls[shape] for shape in shapes}
+            self.calls.update(shapes)
+            step = state.global_step - 1
+            cost = ("first_step" if step == self.first else "new_shape" if compiled and 0 in met
+                    else "recording" if cuda_graphs and 1 in met
+                    else "projection" if projection_gap and step % projection_gap == 0 else None)
+            self.steps.append((step, round(self.t - t, 4), self.n - n, cost))
+
+        def summary(self) -> dict:
+            steady = [(s, k) for _, s, k, cost in self.steps if cost is None]
+            once, count = {}, {}
+            for _, s, _, cost in self.steps:
+                if cost is not None:
+                    once[cost] = round(once.get(cost, 0.0) + s, 2)
+                    count[cost] = count.get(cost, 0) + 1
+            seconds = sum(s for s, _ in steady)
+            return {"steady_tokens_per_s": round(sum(k for _, k in steady) / seconds, 2) if seconds else None,
+                    "batch_shapes": len(self.calls), "one_off_seconds": once, "one_off_steps": count,
+                    "step_seconds": [s for _, s, _, _ in self.steps]}
+
+    return Throughput()
+
+
+def total_steady(devices: list[dict]) -> float | None:
+    rates = [d["steady_tokens_per_s"] for d in devices]
+    return None if None in rates else round(sum(rates), 2)
+
+
+def curve_callback(live_dir: Path, resume: bool):
+    from transformers import TrainerCallback
+
+    from dvclive import Live
+
+    class CurveCallback(TrainerCallback):
+        """Step loss, learning rate and gradient norm to dvclive TSVs, which dvc.yaml declares as plots."""
+
+        def __init__(self):
+            self.live = Live(str(live_dir), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "loss" not in logs:
+                return
+            self.live.step = state.global_step
+            self.live.log_metric("train/loss", float(logs["loss"]))
+            if "learning_rate" in logs:
+                self.live.log_metric("train/learning_rate", float(logs["learning_rate"]))
+            if "grad_norm" in logs:
+                self.live.log_metric("train/grad_norm", float(logs["grad_norm"]))
+            self.live.next_step()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.live.end()
+
+    return CurveCallback()
+
+
+def peak_memory() -> dict:
+    if torch.cuda.is_available():
+        return {"peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 3),
+                "peak_memory_kind": "cuda_max_allocated"}
+    # ru_maxrss is in KiB on Linux: the whole process's high-water mark, model loading included.
+    return {"peak_memory_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+            "peak_memory_kind": "cpu_peak_rss"}
