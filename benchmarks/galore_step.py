@@ -10,7 +10,8 @@
 2. Layer-wise: two copies of a 2-layer model with gemma-3-1b's layer shapes train 6 steps on the same batches,
    one with transformers' ``galore_adamw_8bit_layerwise`` (given the rate of the project's schedule at every
    step), one with ``LayerwiseGaLore``; prints the largest weight difference and the time per step of each.
-Both with galore-torch's arguments bound by name (``fix_8bit_arguments``), as the training stages run it.
+Both on the project's subclass (``adamw_8bit_class``: galore-torch's arguments bound by name), as the training
+stages run it; the original step is galore-torch's, called on it.
 """
 
 from __future__ import annotations
@@ -25,12 +26,9 @@ import torch
 def main() -> dict:
     import galore_torch
 
-    from ftstudy.galore import fix_8bit_arguments, galore_8bit_step
-
-    fix_8bit_arguments()
+    from ftstudy.galore import adamw_8bit_class, galore_8bit_step
 
     original = galore_torch.GaLoreAdamW8bit.step
-    assert original is not galore_8bit_step, "run in a fresh process: the class is already patched"
     shapes = [(1024, 1152), (256, 1152), (1152, 1024), (6912, 1152), (1152, 6912)]
     torch.manual_seed(0)
     init = [torch.randn(s, device="cuda", dtype=torch.bfloat16) * 0.02 for s in shapes]
@@ -39,7 +37,7 @@ def main() -> dict:
     for _ in range(2):
         ws = [torch.nn.Parameter(w.clone()) for w in init]
         norm = torch.nn.Parameter(norm0.clone())
-        opt = galore_torch.GaLoreAdamW8bit([{"params": [norm]}, {"params": ws, "rank": 128, "update_proj_gap": 2,
+        opt = adamw_8bit_class()([{"params": [norm]}, {"params": ws, "rank": 128, "update_proj_gap": 2,
                                             "scale": 0.25, "proj_type": "std"}], lr=1e-3, weight_decay=0.01)
         copies.append((ws + [norm], opt))
     times = {"galore_torch": [], "project": []}

@@ -1,9 +1,9 @@
 """GaLore through galore-torch and bitsandbytes, as the training stages run it.
 
-- ``fix_8bit_arguments``: galore-torch 1.0's 8-bit optimizer binds bitsandbytes 0.50's arguments wrongly, so
-  weights with 32-bit states (Gemma's norms) never train; rebound by name.
-- ``galore_8bit_step``: galore-torch's 8-bit step without a device sync per weight and with weights updated in
-  place (CUDA graphs read them where they were recorded).
+- ``adamw_8bit_class``: galore-torch's 8-bit optimizer subclassed. galore-torch 1.0 binds bitsandbytes 0.50's
+  arguments wrongly, so weights with 32-bit states (Gemma's norms) never train: bound by name. Its step is
+  ``galore_8bit_step``: galore-torch's without a device sync per weight and with weights updated in place
+  (CUDA graphs read them where they were recorded).
 - ``LayerwiseGaLore``: the layer-wise optimizers (``galore_adamw_layerwise``, ``galore_adamw_8bit_layerwise``)
   on the Trainer's schedule and, in 8 bits, with their per-weight work batched.
 
@@ -156,10 +156,14 @@ def projector(rank: int, update_proj_gap: int, scale: float, proj_type: str = "s
     return _projector_class()(rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type)
 
 
-def fix_8bit_arguments() -> bool:
-    """Bind galore-torch's GaLoreAdamW8bit arguments to bitsandbytes by name (idempotent; True if it was needed).
+@functools.cache
+def adamw_8bit_class():
+    """galore-torch's GaLoreAdamW8bit, subclassed: its bitsandbytes arguments bound by name, and its step
+    :func:`galore_8bit_step`. Used wherever the project steps an 8-bit GaLore optimizer (the layer-wise one's
+    embedding, and transformers' non-layer-wise ``galore_adamw_8bit`` through ``CompletionTrainer``); galore-torch's
+    own class is left as installed.
 
-    galore-torch 1.0 passes them by position, for an older signature; bitsandbytes 0.50 has dropped
+    galore-torch 1.0 passes the arguments by position, for an older signature; bitsandbytes 0.50 has dropped
     percentile_clipping and block_wise, so galore-torch's 100 and True land in max_unorm and skip_zeros. A cap of
     100 x a weight norm that is never passed (0) scales to zero every update of a weight with 32-bit states
     (bitsandbytes keeps them below 4096 values): none of Gemma's norms would ever train, on a GPU as on a CPU.
@@ -170,29 +174,24 @@ def fix_8bit_arguments() -> bool:
     import galore_torch
     from bitsandbytes.optim.optimizer import Optimizer2State
 
-    if "percentile_clipping" in inspect.signature(Optimizer2State.__init__).parameters:
-        return False  # the signature galore-torch was written for
-    if getattr(galore_torch.GaLoreAdamW8bit.__init__, "fixed_by_ftstudy", False):
-        return True
+    by_position = "percentile_clipping" in inspect.signature(Optimizer2State.__init__).parameters
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
-                 optim_bits=32, args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True,
-                 is_paged=False):
-        # percentile_clipping=100 is no clipping and bitsandbytes 0.50 is always block-wise: both its defaults
-        Optimizer2State.__init__(self, "adam", params, lr, betas, eps, weight_decay, 8, args, min_8bit_size,
-                                 is_paged=is_paged)
+    class GaLoreAdamW8bit(galore_torch.GaLoreAdamW8bit):
+        def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
+                     optim_bits=32, args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True,
+                     is_paged=False):
+            if by_position:  # the signature galore-torch was written for
+                super().__init__(params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args, min_8bit_size,
+                                 percentile_clipping, block_wise, is_paged)
+                return
+            # percentile_clipping=100 is no clipping and bitsandbytes 0.50 is always block-wise: both its defaults
+            Optimizer2State.__init__(self, "adam", params, lr, betas, eps, weight_decay, 8, args, min_8bit_size,
+                                     is_paged=is_paged)
 
-    __init__.fixed_by_ftstudy = True
-    __init__.original = galore_torch.GaLoreAdamW8bit.__init__
-    galore_torch.GaLoreAdamW8bit.__init__ = __init__
-    return True
+        def step(self, closure=None):
+            return galore_8bit_step(self, closure)
 
-
-def fast_galore_8bit() -> None:
-    """Install ``galore_8bit_step`` as galore-torch's GaLoreAdamW8bit.step (idempotent)."""
-    import galore_torch
-
-    galore_torch.GaLoreAdamW8bit.step = galore_8bit_step
+    return GaLoreAdamW8bit
 
 
 @torch.no_grad()
@@ -263,13 +262,11 @@ class LayerwiseGaLore(torch.optim.Optimizer):
 
     def __init__(self, model, target_names: set[str], *, eight_bit: bool, lr: float, rank: int,
                  update_proj_gap: int, scale: float, proj_type: str = "std"):
-        from galore_torch import GaLoreAdamW, GaLoreAdamW8bit
+        from galore_torch import GaLoreAdamW
 
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         super().__init__([p for _, p in named], {"lr": lr})
         galore = {"rank": rank, "update_proj_gap": update_proj_gap, "scale": scale, "proj_type": proj_type}
-        if eight_bit:
-            fix_8bit_arguments()  # the embedding's GaLoreAdamW8bit below
         self.projectors, self.single, buckets = {}, {}, {}
         for name, p in named:
             target = name in target_names
@@ -283,7 +280,7 @@ class LayerwiseGaLore(torch.optim.Optimizer):
             else:
                 shape = p.shape
                 if p.numel() >= MIN_8BIT_SIZE:  # the embedding: stepped in its hook by galore-torch's own class
-                    self.single[p] = GaLoreAdamW8bit([p], lr=lr)
+                    self.single[p] = adamw_8bit_class()([p], lr=lr)
                     continue
             eight = shape.numel() >= MIN_8BIT_SIZE
             buckets.setdefault((target, eight, p.dtype), _Bucket(target, eight, p.dtype)).add(p, shape)

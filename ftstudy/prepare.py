@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ftstudy import fastpath, galore
+from ftstudy import fastpath
 from ftstudy.errors import UserError
 from ftstudy.methods import MethodSpec
 from ftstudy.models import causal_lm, compute_dtype, merged_model
@@ -81,13 +81,10 @@ def prepare_model(spec: MethodSpec, params: Params, base_dir: Path, models_dir: 
     cuda = torch.cuda.is_available()
     levers = fastpath.speed_up(model, kernels=t.kernels, compile=compile, cuda=cuda, cuda_graphs=graphs,
                                shapes=t.batch_size)
-    if spec.eight_bit:
-        galore.fix_8bit_arguments()  # a correction, not a lever: without it the norms never train
-        if cuda:
-            galore.fast_galore_8bit()
-            levers.append("galore_8bit_in_place")
-            if spec.layerwise:
-                levers.append("galore_8bit_batched")  # CompletionTrainer.create_optimizer builds it
+    if spec.eight_bit and cuda:  # galore.adamw_8bit_class's step, and the batched layer-wise update
+        levers.append("galore_8bit_in_place")
+        if spec.layerwise:
+            levers.append("galore_8bit_batched")  # CompletionTrainer.create_optimizer builds it
     return model, levers
 
 

@@ -35,6 +35,13 @@ def completion_trainer_class():
                 return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache_enabled)
             return super().autocast_smart_context_manager(cache_enabled)
 
+        @staticmethod
+        def get_optimizer_cls_and_kwargs(args, model=None):
+            cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+            if args.optim == "galore_adamw_8bit":  # galore-torch's class as installed binds bitsandbytes wrongly
+                cls = galore.adamw_8bit_class()
+            return cls, kwargs
+
         def create_optimizer(self, model=None):
             # transformers' own layer-wise GaLore never sees the learning-rate schedule (ftstudy.galore)
             if self.optimizer is None and self.args.optim in LAYERWISE_OPTIMIZERS:

@@ -104,10 +104,12 @@ def _run(model, optim: str, loss_fn, tmp_path, target_modules, rank: int, rates=
 
 @pytest.mark.parametrize("optim", ["galore_adamw_8bit_layerwise", "galore_adamw_layerwise"])
 def test_same_weights_as_transformers_layerwise_galore_on_the_schedule(optim, tiny_model_dir, monkeypatch, tmp_path):
+    import galore_torch
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
-    galore.fix_8bit_arguments()  # for transformers' optimizers too (ours applies it itself)
+    # transformers' own layer-wise optimizers take galore-torch's class by name: the one with its arguments bound
+    monkeypatch.setattr(galore_torch, "GaLoreAdamW8bit", galore.adamw_8bit_class())
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(3, 200, (2, 24), generator=g) for _ in range(STEPS)]
 
@@ -144,8 +146,10 @@ class _Net(nn.Module):
 def test_a_weight_without_gradient_keeps_its_own_step_count(monkeypatch, tmp_path):
     """Where a step leaves some weights without gradient, each weight's Adam step count still matches its own
     optimizer's in the layer-wise original (per-weight updates instead of the one batched call)."""
+    import galore_torch
+
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
-    galore.fix_8bit_arguments()
+    monkeypatch.setattr(galore_torch, "GaLoreAdamW8bit", galore.adamw_8bit_class())  # for transformers' original
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(4, 96, generator=g) for _ in range(STEPS)]
 
@@ -197,7 +201,6 @@ def test_state_dict_round_trip_continues_the_same_run(optim, monkeypatch, tmp_pa
     from transformers import TrainingArguments
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
-    galore.fix_8bit_arguments()
     args = TrainingArguments(output_dir=str(tmp_path), optim=optim, optim_target_modules=[r"^a$", r"^b$"],
                              optim_args="rank=8,update_proj_gap=3", learning_rate=1e-2, use_cpu=True,
                              report_to="none")
@@ -228,24 +231,27 @@ def test_state_dict_round_trip_continues_the_same_run(optim, monkeypatch, tmp_pa
 
 def test_galore_torch_8bit_trains_the_norms_only_with_its_arguments_bound_by_name(monkeypatch):
     """galore-torch 1.0 + bitsandbytes 0.50: positional arguments put 100 in max_unorm, which zeroes every update of
-    a weight with 32-bit states (below 4096 values: Gemma's norms)."""
+    a weight with 32-bit states (below 4096 values: Gemma's norms). The project's subclass trains them; galore-torch's
+    class is left as installed (nothing patched process-wide)."""
+    import inspect
+
     import galore_torch
+    from bitsandbytes.optim.optimizer import Optimizer2State
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
-    cls = galore_torch.GaLoreAdamW8bit
-    monkeypatch.setattr(cls, "__init__", getattr(cls.__init__, "original", cls.__init__))  # as installed
 
-    def norm_moves() -> bool:
+    def norm_moves(cls) -> bool:
         p = nn.Parameter(torch.zeros(64))
         opt = cls([p], lr=1e-2)
         p.grad = torch.randn(64)
         opt.step()
         return bool(p.abs().max() > 0)
 
-    assert galore.fix_8bit_arguments(), "bitsandbytes has percentile_clipping again: this fix may be obsolete"
-    fixed = norm_moves()
-    monkeypatch.setattr(cls, "__init__", cls.__init__.original)
-    assert (norm_moves(), fixed) == (False, True)
+    assert "percentile_clipping" not in inspect.signature(Optimizer2State.__init__).parameters, \
+        "bitsandbytes has percentile_clipping again: the subclass's binding by name may be obsolete"
+    ours = galore.adamw_8bit_class()
+    assert (norm_moves(galore_torch.GaLoreAdamW8bit), norm_moves(ours)) == (False, True)
+    assert issubclass(ours, galore_torch.GaLoreAdamW8bit) and galore_torch.GaLoreAdamW8bit.step is not ours.step
 
 
 def test_galore_8bit_step_is_galore_torchs_update_with_weights_kept_in_place(monkeypatch):
@@ -260,7 +266,7 @@ def test_galore_8bit_step_is_galore_torchs_update_with_weights_kept_in_place(mon
     finals, moved, states = [], [], []
     for step_fn in (galore_torch.GaLoreAdamW8bit.step, galore.galore_8bit_step):
         params = [torch.nn.Parameter(t.clone()) for t in init]
-        opt = galore_torch.GaLoreAdamW8bit([{"params": params[2:]},  # outside GaLore's targets: plain 8-bit AdamW
+        opt = galore.adamw_8bit_class()([{"params": params[2:]},  # outside GaLore's targets: plain 8-bit AdamW
                                             {"params": params[:2], "rank": 32, "update_proj_gap": 2, "scale": 0.25,
                                              "proj_type": "std"}], lr=1e-2, weight_decay=0.1)
         g = torch.Generator().manual_seed(1)
@@ -280,3 +286,21 @@ def test_galore_8bit_step_is_galore_torchs_update_with_weights_kept_in_place(mon
     for a, b, t in zip(*finals, init, strict=True):
         assert torch.equal(a, b)
         assert not torch.equal(a, t)  # and the weights did change
+
+
+def test_the_trainer_builds_non_layerwise_8bit_galore_from_the_projects_class(tiny_model_dir, tmp_path):
+    """transformers picks galore-torch's GaLoreAdamW8bit by name for `galore_adamw_8bit`; the project's Trainer
+    puts the subclass with the arguments bound by name in its place."""
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from ftstudy.methods import galore_target_patterns
+    from ftstudy.trainer import completion_trainer_class
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    args = TrainingArguments(output_dir=str(tmp_path), optim="galore_adamw_8bit", use_cpu=True, report_to="none",
+                             optim_target_modules=galore_target_patterns(["self_attn"]), optim_args="rank=8")
+    trainer = completion_trainer_class()(model=model, args=args)
+    trainer.create_optimizer()
+    opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert type(opt) is galore.adamw_8bit_class()
+    assert any(group.get("rank") == 8 for group in opt.param_groups)
