@@ -2,6 +2,8 @@
 # Create .venv and install the project. Usage: bash scripts/setup.sh [--dev]
 # A CPU-only machine without torch gets the CPU build torch==2.13.0 first; a machine that already has a
 # torch (e.g. a CUDA build in the venv) keeps it, since the project's torch requirement has no upper bound.
+# Everything else comes at the versions pinned in requirements/lock.txt (bash scripts/lock.sh re-resolves it), so
+# a clean clone reproduces the committed dvc.lock, models/base included.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -17,5 +19,5 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 extra=""
 [ "${1:-}" = "--dev" ] && extra="[dev]"
-python -m pip install -q -e ".${extra}"
+python -m pip install -q -c requirements/lock.txt -e ".${extra}"
 python -c "import torch, transformers, peft, trl; print(f'torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, trl {trl.__version__}')"
