@@ -13,7 +13,7 @@ from ftstudy.errors import UserError
 from ftstudy.hub import require_hub
 from ftstudy.params import DataParams
 from ftstudy.prompt import tokenize_prompt
-from ftstudy.sources import DROP_REASONS, HUB_DATASETS, convert_rows
+from ftstudy.sources import CONVERTERS, DROP_REASONS, HUB_DATASETS, Dropped, convert_rows
 
 RAW_INFO = "fetch_info.json"
 
@@ -42,6 +42,22 @@ def fetch_data(p: DataParams, seed: int, out_dir: str | Path) -> dict:
             info["datasets"][source] = entry
         write_json(tmp / RAW_INFO, info)
     return info
+
+
+def task_families(p: DataParams, seed: int) -> dict[str, str]:
+    """Record id -> the generator's task family, for generated data (fetch_data's rows, converted as preprocess
+    converts them); empty for hub data, which has no families."""
+    if p.source != "synthetic":
+        return {}
+    families = {}
+    for source in p.sources:
+        for hub_split in raw_splits(source).values():
+            for i, (row, family) in enumerate(synthetic.generate_with_families(source, hub_split, p.pool_per_source, seed)):
+                try:
+                    families[CONVERTERS[source](row, i, p.max_chars, multi_turn=p.multi_turn)["id"]] = family
+                except Dropped:
+                    continue
+    return families
 
 
 def _fetch_hub(source: str, p: DataParams, seed: int, out: Path) -> dict:

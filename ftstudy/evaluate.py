@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from ftstudy.atomic import read_jsonl, sha256_file, write_json, write_jsonl
+from ftstudy.data import task_families
 from ftstudy.generation import generate
-from ftstudy.metrics import score_by_source
+from ftstudy.metrics import accuracy_by, exact_match, score_by_source
 from ftstudy.models import compute_dtype, device_kind, load_model, load_tokenizer, merged_model
 from ftstudy.params import Params
 
@@ -51,6 +52,12 @@ def write_results(name: str, records: list[dict], predictions: list[str], extra:
         row["rouge_l_f1"] = round(item, 6)
         if extra_rows:
             row.update(extra_rows[i])
+    families = task_families(params.data, params.seed)
+    if families:  # generated data: its references are computed, so a prediction is right or wrong
+        for row in rows:
+            row["family"] = families.get(row["id"], "unknown")
+            row["exact_match"] = int(exact_match(row["prediction"], row["reference"]))
+        scores["accuracy"] = accuracy_by(rows)
     device = device_kind()
     metrics = {"model": name, "profile": params.profile, **scores,
                "generation": {**extra, "max_new_tokens": params.evaluate.max_new_tokens,

@@ -3,11 +3,45 @@
 Scales, stated once and carried in every key name:
 - ``bleu4_corpus_0_100``: sacrebleu corpus BLEU (4-gram, 13a tokenizer, exponential smoothing), 0-100.
 - ``rouge_l_f1_0_1``: mean over items of rouge-score's ROUGE-L F1 (Porter stemming), 0-1.
+- ``exact_match_0_1``: for generated data, whose references are computed and exactly right, the share of
+  predictions equal to the reference after :func:`normalise`; absent for hub data (no single right answer).
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections import defaultdict
+
+_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
+
+
+def normalise(text: str) -> list:
+    """Tokens compared by exact match: lower case, whitespace collapsed, trailing punctuation dropped, and
+    numbers as numbers ("238.0" equals "238", "1,000" equals "1000")."""
+    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text.lower()).strip().rstrip(".!?;:").strip()
+    return [float(tok) if _NUMBER.fullmatch(tok) else tok
+            for tok in re.findall(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)|\w+|[^\w\s]", text)]
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    return normalise(prediction) == normalise(reference)
+
+
+def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95 % by default): sound at 0 %, 100 % and small n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def accuracy(hits: list[bool]) -> dict:
+    low, high = wilson(sum(hits), len(hits))
+    return {"exact_match_0_1": round(sum(hits) / len(hits), 6) if hits else 0.0, "low": round(low, 6),
+            "high": round(high, 6), "n": len(hits)}
 
 
 def bleu4(predictions: list[str], references: list[str]) -> float:
@@ -50,3 +84,13 @@ def score_by_source(rows: list[dict]) -> dict:
         "per_source": {s: pick(idx) for s, idx in sorted(by_source.items())},
         "rouge_l_items": items,
     }
+
+
+def accuracy_by(rows: list[dict]) -> dict:
+    """Exact-match accuracy with Wilson intervals, overall, per source and per task family."""
+    groups: dict[str, dict[str, list[bool]]] = {"per_source": defaultdict(list), "per_family": defaultdict(list)}
+    for r in rows:
+        groups["per_source"][r["source"]].append(bool(r["exact_match"]))
+        groups["per_family"][r["family"]].append(bool(r["exact_match"]))
+    return {"overall": accuracy([bool(r["exact_match"]) for r in rows]),
+            **{k: {name: accuracy(hits) for name, hits in sorted(g.items())} for k, g in groups.items()}}

@@ -11,7 +11,7 @@ from ftstudy.prompt import build_prompt
 from ftstudy.stats import PairedBootstrap
 
 MODEL_ORDER = ["base", "qlora", "lora_wide", "galore", "sequential_ensemble", "rerank"]
-METRICS = {"bleu4": ("BLEU-4", "{:.2f}"), "rouge_l": ("ROUGE-L", "{:.4f}")}
+METRICS = {"bleu4": ("BLEU-4", "{:.2f}"), "rouge_l": ("ROUGE-L", "{:.4f}"), "exact_match": ("exact match", "{:.3f}")}
 METHOD_LABELS = {
     "base": "base model (no fine-tuning)",
     "qlora": "QLoRA (NF4 4-bit base, LoRA r=64 on attention)",
@@ -80,6 +80,7 @@ def build_report(params: Params, root: str | Path = ".") -> tuple[str, dict]:
     rows = [[m] + [f"{evals[m]['per_source'][s]['bleu4_corpus_0_100']:.2f}" for s in sources]
             + [f"{evals[m]['per_source'][s]['rouge_l_f1_0_1']:.4f}" for s in sources] for m in models]
     out += [_table(header, rows), ""]
+    out += _accuracy_tables(models, evals)
 
     out += _pairwise(models, boot)
     out += _discussion(params, trained, models, evals, boot)
@@ -96,7 +97,8 @@ def _bootstrap(params: Params, root: Path, models: list[str]) -> PairedBootstrap
     for m in models:
         rows = {r["id"]: r for r in read_jsonl(root / f"data/predictions/{m}.jsonl")}
         ordered = [rows[r["id"]] for r in test]  # same item order for every system: the pairing
-        boot.add(m, [r["prediction"] for r in ordered], [r["rouge_l_f1"] for r in ordered])
+        exact = [r["exact_match"] for r in ordered] if all("exact_match" in r for r in ordered) else None
+        boot.add(m, [r["prediction"] for r in ordered], [r["rouge_l_f1"] for r in ordered], exact)
     return boot
 
 
@@ -113,16 +115,39 @@ def _results(models: list[str], evals: dict, boot: PairedBootstrap) -> list[str]
     pct = round(boot.confidence * 100)
     rows = []
     for m in models:
-        row = [m] + [_ci(boot.interval(m, k), f) for k, (_, f) in METRICS.items()]
-        row += ["-" if m == "base" or "base" not in models else _diff(boot.difference(m, "base", k), f)
-                for k, (_, f) in METRICS.items()]
+        row = [m] + [_ci(boot.interval(m, k), METRICS[k][1]) for k in boot.metrics()]
+        row += ["-" if m == "base" or "base" not in models else _diff(boot.difference(m, "base", k), METRICS[k][1])
+                for k in boot.metrics()]
         row += [evals[m]["overall"]["n"], f"{evals[m]['generation']['generate_seconds']:.0f}"]
         rows.append(row)
+    scale = {"bleu4": "BLEU-4 (0-100)", "rouge_l": "ROUGE-L F1 (0-1)", "exact_match": "exact match (0-1)"}
+    note = (" Exact match: the prediction equals the computed reference after normalising case, whitespace, "
+            "trailing punctuation and numbers (generated data only)." if "exact_match" in boot.metrics() else "")
     return ["## Results", "",
             f"Point estimates with {pct} % paired-bootstrap confidence intervals ({len(boot.idx)} resamples of the "
-            "test items, the same resamples for every model). `*` marks a difference whose interval excludes 0.", "",
-            _table(["model", f"BLEU-4 (0-100) [{pct} % CI]", f"ROUGE-L F1 (0-1) [{pct} % CI]", "BLEU-4 vs base",
-                    "ROUGE-L vs base", "test items", "eval generation s"], rows), ""]
+            "test items, the same resamples for every model). `*` marks a difference whose interval excludes 0." + note,
+            "",
+            _table(["model"] + [f"{scale[k]} [{pct} % CI]" for k in boot.metrics()]
+                   + [f"{METRICS[k][0]} vs base" for k in boot.metrics()] + ["test items", "eval generation s"], rows), ""]
+
+
+def _accuracy_tables(models: list[str], evals: dict) -> list[str]:
+    """Exact match per source and per task family (generated data), with Wilson intervals."""
+    if not all("accuracy" in evals[m] for m in models):
+        return []
+
+    def cell(a: dict) -> str:
+        return f"{a['exact_match_0_1']:.2f} [{a['low']:.2f}, {a['high']:.2f}]"
+
+    out = ["### Exact match per source and task family", "",
+           "Share of predictions equal to the computed reference (normalised), with 95 % Wilson intervals; n is "
+           "the number of test items in the group, so a small group's interval is wide.", ""]
+    for key, label in (("per_source", "source"), ("per_family", "task family")):
+        groups = sorted(evals[models[0]]["accuracy"][key])
+        rows = [[g, evals[models[0]]["accuracy"][key][g]["n"]] + [cell(evals[m]["accuracy"][key][g]) for m in models]
+                for g in groups]
+        out += [_table([label, "n"] + models, rows), ""]
+    return out
 
 
 def _pairwise(models: list[str], boot: PairedBootstrap) -> list[str]:
@@ -132,18 +157,18 @@ def _pairwise(models: list[str], boot: PairedBootstrap) -> list[str]:
     rows = []
     for i, a in enumerate(methods):
         for b in methods[i + 1:]:
-            rows.append([f"{a} - {b}"] + [_diff(boot.difference(a, b, k), f) for k, (_, f) in METRICS.items()])
+            rows.append([f"{a} - {b}"] + [_diff(boot.difference(a, b, k), METRICS[k][1]) for k in boot.metrics()])
     return ["### Method vs method", "", "Each row is the paired difference `a - b` (positive: a scores higher); `*`: significant.", "",
-            _table(["pair", "BLEU-4 difference", "ROUGE-L difference"], rows), ""]
+            _table(["pair"] + [f"{METRICS[k][0]} difference" for k in boot.metrics()], rows), ""]
 
 
 def _significance_json(models: list[str], boot: PairedBootstrap) -> dict:
     out: dict = {"confidence": boot.confidence, "resamples": int(len(boot.idx)), "models": {}, "differences": {}}
     for m in models:
-        out["models"][m] = {k: boot.interval(m, k).as_dict() for k in METRICS}
+        out["models"][m] = {k: boot.interval(m, k).as_dict() for k in boot.metrics()}
     for i, a in enumerate(models):
         for b in models[i + 1:]:
-            diffs = {k: boot.difference(b, a, k) for k in METRICS}
+            diffs = {k: boot.difference(b, a, k) for k in boot.metrics()}
             out["differences"][f"{b}-{a}"] = {k: {**d.as_dict(), "significant": d.excludes_zero} for k, d in diffs.items()}
     return out
 

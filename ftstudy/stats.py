@@ -51,7 +51,8 @@ def _interval(point: float, draws: np.ndarray, confidence: float) -> Interval:
 
 
 class PairedBootstrap:
-    """Bootstrap draws of BLEU-4 and ROUGE-L for several systems over the same resampled items."""
+    """Bootstrap draws of BLEU-4, ROUGE-L and (generated data) exact match for several systems over the same
+    resampled items."""
 
     def __init__(self, references: list[str], n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95):
         self.references = references
@@ -60,13 +61,22 @@ class PairedBootstrap:
         self.points: dict[str, dict[str, float]] = {}
         self.draws: dict[str, dict[str, np.ndarray]] = {}
 
-    def add(self, name: str, predictions: list[str], rouge_items: list[float]) -> None:
+    def add(self, name: str, predictions: list[str], rouge_items: list[float],
+            exact_items: list[int] | None = None) -> None:
+        """``exact_items``: 1/0 per item where references are exactly right (generated data), else None."""
         stats = bleu_sentence_stats(predictions, self.references)
-        rouge = np.asarray(rouge_items, dtype=np.float64)
         sums = stats[self.idx].sum(axis=1)  # (resamples, 10)
-        self.points[name] = {"bleu4": bleu_from_stats(stats.sum(0)), "rouge_l": float(rouge.mean())}
-        self.draws[name] = {"bleu4": np.array([bleu_from_stats(s) for s in sums]),
-                            "rouge_l": rouge[self.idx].mean(axis=1)}
+        self.points[name] = {"bleu4": bleu_from_stats(stats.sum(0))}
+        self.draws[name] = {"bleu4": np.array([bleu_from_stats(s) for s in sums])}
+        for metric, items in (("rouge_l", rouge_items), ("exact_match", exact_items)):
+            if items is not None:  # a mean over items: resampled items, resampled mean
+                values = np.asarray(items, dtype=np.float64)
+                self.points[name][metric] = float(values.mean())
+                self.draws[name][metric] = values[self.idx].mean(axis=1)
+
+    def metrics(self) -> list[str]:
+        """The metrics every system has."""
+        return [k for k in ("bleu4", "rouge_l", "exact_match") if all(k in p for p in self.points.values())]
 
     def interval(self, name: str, metric: str) -> Interval:
         return _interval(self.points[name][metric], self.draws[name][metric], self.confidence)

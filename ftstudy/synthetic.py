@@ -274,7 +274,7 @@ def _task(rng: random.Random) -> Task:
     return FAMILIES[rng.choice(sorted(FAMILIES))](rng)
 
 
-def alpaca_row(rng: random.Random) -> dict:
+def alpaca_row(rng: random.Random) -> tuple[dict, str]:
     t = _task(rng)
     # alpaca's own `text` column: the Stanford prompt with the answer, kept for schema fidelity.
     head = ("Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -283,10 +283,10 @@ def alpaca_row(rng: random.Random) -> dict:
             "request.\n\n")
     text = head + f"### Instruction:\n{t.instruction}\n\n" + (f"### Input:\n{t.input}\n\n" if t.input else "")
     text += f"### Response:\n{t.response}"
-    return {"instruction": t.instruction, "input": t.input, "output": t.response, "text": text}
+    return {"instruction": t.instruction, "input": t.input, "output": t.response, "text": text}, t.family
 
 
-def tulu_row(rng: random.Random, index: int, split: str) -> dict:
+def tulu_row(rng: random.Random, index: int, split: str) -> tuple[dict, str]:
     name = rng.choice(sorted(FAMILIES))
     t = FAMILIES[name](rng)
     subset = TULU_SUBSET[name]
@@ -294,11 +294,11 @@ def tulu_row(rng: random.Random, index: int, split: str) -> dict:
         "dataset": subset,
         "id": f"{subset}_{split}_{index}",
         "messages": [{"role": "user", "content": t.as_message()}, {"role": "assistant", "content": t.response}],
-    }
+    }, t.family
 
 
-def _conversation(rng: random.Random) -> list[tuple[str, str]]:
-    """A multi-turn exchange whose follow-ups can only be answered from earlier turns."""
+def _conversation(rng: random.Random) -> tuple[list[tuple[str, str]], str]:
+    """A multi-turn exchange whose follow-ups can only be answered from earlier turns, and its kind."""
     kind = rng.choice(["numbers", "word", "country", "sentence"])
     if kind == "numbers":
         xs = _numbers(rng, 3, 6)
@@ -330,24 +330,25 @@ def _conversation(rng: random.Random) -> list[tuple[str, str]]:
         follow = [("Rewrite it in uppercase.", s.upper()), ("What is its last word?", f"Its last word is \"{s.split()[-1].rstrip('.')}\"."),
                   ("What is its first word?", f"Its first word is \"{s.split()[0]}\".")]
     turns += rng.sample(follow, rng.randint(1, min(3, len(follow))))
-    return turns
+    return turns, f"conversation_{kind}"
 
 
-def ultrachat_row(rng: random.Random) -> dict:
-    turns = _conversation(rng)
+def ultrachat_row(rng: random.Random) -> tuple[dict, str]:
+    turns, family = _conversation(rng)
     messages = []
     for user, assistant in turns:
         messages += [{"content": user, "role": "user"}, {"content": assistant, "role": "assistant"}]
     prompt = turns[0][0]
-    return {"prompt": prompt, "prompt_id": hashlib.sha256(prompt.encode()).hexdigest(), "messages": messages}
+    return {"prompt": prompt, "prompt_id": hashlib.sha256(prompt.encode()).hexdigest(), "messages": messages}, family
 
 
 # The hub's split names: alpaca and tulu-v2 publish only `train`; ultrachat_200k has train_sft/test_sft.
 RAW_SPLITS = {"alpaca": ("train",), "tulu": ("train",), "ultrachat": ("train_sft", "test_sft")}
 
 
-def generate(source: str, split: str, n: int, seed: int) -> list[dict]:
-    """``n`` raw rows of ``source`` in its hub schema; deterministic in (source, split, seed)."""
+def generate_with_families(source: str, split: str, n: int, seed: int) -> list[tuple[dict, str]]:
+    """``n`` raw rows of ``source`` in its hub schema, each with the task family that computed its answer
+    (kept apart from the row, whose schema is the hub's); deterministic in (source, split, seed)."""
     # A string seed hashes stably across runs (Python's hash() of str is salted per process; this is not).
     rng = random.Random(f"{seed}/{source}/{split}")
     if source == "alpaca":
@@ -357,3 +358,8 @@ def generate(source: str, split: str, n: int, seed: int) -> list[dict]:
     if source == "ultrachat":
         return [ultrachat_row(rng) for _ in range(n)]
     raise ValueError(f"unknown source {source!r}")
+
+
+def generate(source: str, split: str, n: int, seed: int) -> list[dict]:
+    """``n`` raw rows of ``source`` in its hub schema; deterministic in (source, split, seed)."""
+    return [row for row, _ in generate_with_families(source, split, n, seed)]

@@ -208,8 +208,12 @@ def test_the_report_has_intervals_figures_showcase_and_plots(micro_repo):
     repo, env, _ = micro_repo
     report = (repo / "REPORT.md").read_text()
     for text in ("95 % paired-bootstrap", "### Method vs method", "## What the numbers show",
-                 "Explain quantum computing to a 10-year-old.", "| rerank |", "reports/training_loss.png"):
+                 "Explain quantum computing to a 10-year-old.", "| rerank |", "reports/training_loss.png",
+                 "exact match (0-1) [95 % CI]", "### Exact match per source and task family", "| task family |"):
         assert text in report
+    accuracy = json.loads((repo / "metrics/eval/qlora.json").read_text())["accuracy"]  # generated data: answers
+    assert set(accuracy["per_source"]) == {"alpaca", "tulu", "ultrachat"} and accuracy["overall"]["n"] > 0
+    assert sum(a["n"] for a in accuracy["per_family"].values()) == accuracy["overall"]["n"]
     for png in ("training_loss", "quality_vs_memory", "quality_vs_time", "rouge_per_source", "bleu_per_source"):
         assert (repo / f"reports/{png}.png").read_bytes()[:4] == b"\x89PNG"
     _run(["dvc", "plots", "show", "-o", "plots_html"], repo, env)
