@@ -102,13 +102,18 @@ def _bootstrap(params: Params, root: Path, models: list[str]) -> PairedBootstrap
     return boot
 
 
+def _num(fmt: str, x: float) -> str:
+    return fmt.format(round(x, 9) + 0.0)  # a difference of equal scores is 0, never "-0.000" from float noise
+
+
 def _ci(iv, fmt: str) -> str:
-    return f"{fmt.format(iv.estimate)} [{fmt.format(iv.low)}, {fmt.format(iv.high)}]"
+    return f"{_num(fmt, iv.estimate)} [{_num(fmt, iv.low)}, {_num(fmt, iv.high)}]"
 
 
 def _diff(iv, fmt: str) -> str:
     mark = " *" if iv.excludes_zero else ""
-    return f"{'+' if iv.estimate >= 0 else ''}{fmt.format(iv.estimate)} [{fmt.format(iv.low)}, {fmt.format(iv.high)}]{mark}"
+    sign = "+" if round(iv.estimate, 9) >= 0 else ""
+    return f"{sign}{_num(fmt, iv.estimate)} [{_num(fmt, iv.low)}, {_num(fmt, iv.high)}]{mark}"
 
 
 def _results(models: list[str], evals: dict, boot: PairedBootstrap) -> list[str]:
