@@ -112,6 +112,7 @@ def main() -> None:
         m = train(method_spec(p, name), p, train_path=work / "train.jsonl", models_dir=work / "models",
                   out_dir=work / "models" / name, ckpt_dir=work / "ck" / name, live_dir=None)
         m["arch"] = args.arch
+        m["profile"] = f"benchmark: the {p.profile} profile's settings above, random {args.arch} weights, generated rows"
         m["gpu"] = torch.cuda.get_device_name() if cuda else None
         results.append(m)
         print(json.dumps(m), flush=True)
