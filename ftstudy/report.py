@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 from ftstudy.atomic import read_json, read_jsonl, write_json, write_text
+from ftstudy.methods import method_spec
 from ftstudy.params import Params
 from ftstudy.prompt import build_prompt
 from ftstudy.stats import PairedBootstrap
@@ -73,7 +74,7 @@ def build_report(params: Params, root: str | Path = ".") -> tuple[str, dict]:
     trained = {m: read_json(root / f"metrics/train/{m}.json") for m in models if (root / f"metrics/train/{m}.json").exists()}
     boot = _bootstrap(params, root, models)
     out += _results(models, evals, boot)
-    out += _methods_table(trained, evals)
+    out += _methods_table(params, trained, evals)
     out += ["### Per source", ""]
     sources = list(data["sources"])
     header = ["model"] + [f"{s} BLEU-4" for s in sources] + [f"{s} ROUGE-L" for s in sources]
@@ -185,6 +186,11 @@ def _discussion(params: Params, trained: dict, models: list[str], evals: dict, b
         return []
     out = ["## What the numbers show", "", f"_Profile `{params.profile}`; every statement below is computed from the "
            "tables of this report._", ""]
+    budgets = _budgets(params, trained)
+    if len({b["tokens"] for b in budgets.values()}) > 1:
+        out.append("- **Budgets differ** (tokens trained on, a start's included): "
+                   + ", ".join(f"{m} {b['tokens']:,}" for m, b in budgets.items())
+                   + ". A difference between two methods with different budgets may be the budget's, not the method's.")
     ranked = sorted(methods, key=lambda m: boot.points[m]["rouge_l"], reverse=True)
     best = ranked[0]
     line = f"- **Best ROUGE-L: {best}** ({boot.points[best]['rouge_l']:.4f})"
@@ -192,6 +198,9 @@ def _discussion(params: Params, trained: dict, models: list[str], evals: dict, b
         d = boot.difference(best, ranked[1], "rouge_l")
         line += (f", ahead of {ranked[1]} by {d.estimate:+.4f}; that gap is "
                  + ("significant" if d.excludes_zero else "not significant") + f" at {round(boot.confidence * 100)} %.")
+        if best in budgets and ranked[1] in budgets and budgets[best]["tokens"] != budgets[ranked[1]]["tokens"]:
+            line = line[:-1] + (f", between unequal budgets ({budgets[best]['tokens']:,} vs "
+                                f"{budgets[ranked[1]]['tokens']:,} tokens).")
     out.append(line)
     vs_base = {m: boot.difference(m, "base", "rouge_l") for m in methods}
     beat = [m for m, d in vs_base.items() if d.excludes_zero and d.estimate > 0]
@@ -213,8 +222,12 @@ def _discussion(params: Params, trained: dict, models: list[str], evals: dict, b
                    f"({evals[win]['per_source'][source]['rouge_l_f1_0_1']:.4f}).")
     if "sequential_ensemble" in methods and "qlora" in methods:
         d = boot.difference("sequential_ensemble", "qlora", "rouge_l")
+        extra = ""
+        if "sequential_ensemble" in budgets and "qlora" in budgets:
+            extra = (f"; the hybrid trained on {budgets['sequential_ensemble']['steps'] - budgets['qlora']['steps']} "
+                     f"more steps than QLoRA alone")
         out.append(f"- The sequential hybrid vs QLoRA alone: {d.estimate:+.4f} ROUGE-L ("
-                   + ("significant" if d.excludes_zero else "not significant") + ").")
+                   + ("significant" if d.excludes_zero else "not significant") + f"{extra}).")
     if "rerank" in methods:
         g = evals["rerank"]["generation"]
         proposer = g.get("proposer")
@@ -242,23 +255,42 @@ def _showcase(root: Path, models: list[str]) -> list[str]:
     return out
 
 
-def _methods_table(trained: dict, evals: dict) -> list[str]:
+def _budgets(params: Params, trained: dict) -> dict[str, dict]:
+    """What each method trained on: optimizer steps, examples and (non-padding) tokens, with those of the run it
+    starts from (the hybrid continues QLoRA's adapter, so QLoRA's budget is part of its own)."""
+    out = {}
+    for m, t in trained.items():
+        budget = {"steps": t["steps"], "examples": t["steps"] * t["effective_batch"], "tokens": t["trained_tokens"],
+                  "start": None}
+        start = method_spec(params, m).starts_from
+        if start in trained:
+            s = trained[start]
+            budget.update(steps=budget["steps"] + s["steps"], examples=budget["examples"] + s["steps"] * s["effective_batch"],
+                          tokens=budget["tokens"] + s["trained_tokens"], start=start)
+        out[m] = budget
+    return out
+
+
+def _methods_table(params: Params, trained: dict, evals: dict) -> list[str]:
     """The seeds' table: quality before/after and the cost of getting there."""
     if not trained or "base" not in evals:
         return []
     b = evals["base"]["overall"]
     rows = []
+    budgets = _budgets(params, trained)
     for m, t in trained.items():
         o = evals[m]["overall"]
         mem = f"{t['peak_memory_gb']:.2f} ({'GPU max allocated' if t['peak_memory_kind'].startswith('cuda') else 'CPU peak RSS'})"
+        g = budgets[m]
         rows.append([METHOD_LABELS.get(m, m), f"{b['bleu4_corpus_0_100']:.2f}", f"{o['bleu4_corpus_0_100']:.2f}",
                      f"{b['rouge_l_f1_0_1']:.4f}", f"{o['rouge_l_f1_0_1']:.4f}", mem, f"{t['train_seconds'] / 60:.1f}",
-                     t["steps"], f"{t['tokens_per_s']:.0f}", f"{t['trainable_params']:,}", t["optimizer"],
+                     f"{g['steps']} / {g['examples']:,} / {g['tokens']:,}" + (f" (with {g['start']}'s)" if g["start"] else ""),
+                     f"{t['tokens_per_s']:.0f}", f"{t['trainable_params']:,}", t["optimizer"],
                      t.get("gradient_clipping", "not recorded"), f"{t['final_train_loss']:.3f}"])
     return ["### Methods", "",
             _table(["method", "BLEU-4 before", "BLEU-4 after", "ROUGE-L before", "ROUGE-L after", "peak memory GB",
-                    "training min", "steps", "train tokens/s", "trainable params", "optimizer that ran",
-                    "gradient clipping", "final train loss"], rows), "",
+                    "training min", "budget: steps / examples / tokens", "train tokens/s", "trainable params",
+                    "optimizer that ran", "gradient clipping", "final train loss"], rows), "",
             f"Training ran on `{next(iter(trained.values()))['device']}`. Peak memory on a CPU is the training process's "
             "peak resident set size (model loading included); on a GPU it is torch's maximum allocated memory. "
             "Layer-wise GaLore updates each weight in its gradient hook, before the step's global gradient norm "
