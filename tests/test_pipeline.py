@@ -111,6 +111,23 @@ def test_second_repro_does_nothing(micro_repo):
     assert "Data and pipelines are up to date" in _run(["dvc", "status"], repo, env).stdout
 
 
+def test_a_fresh_clone_pulls_every_output_from_the_default_remote_and_has_nothing_to_rerun(micro_repo):
+    """The reviewer's path: the author runs and pushes to the default remote (a folder beside the repository);
+    a fresh clone pulls, and DVC finds every stage up to date (no work file such as a checkpoint is needed)."""
+    repo, env, _ = micro_repo
+    assert "Data and pipelines are up to date" in _run(["dvc", "status"], repo, env).stdout
+    _run(["dvc", "push"], repo, env)
+    assert any((repo.parent / "ftstudy-dvc-remote").rglob("*")), "the default remote is ../ftstudy-dvc-remote"
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run", "--allow-empty"], repo, env)
+    clone = repo.parent / "clone"  # beside the original, so the default remote is the same folder
+    _run(["git", "clone", "-q", str(repo), str(clone)], repo.parent, env)
+    _run(["dvc", "pull"], clone, env)
+    assert (clone / "models/qlora/adapter_model.safetensors").exists() and (clone / "data/predictions/rerank.jsonl").exists()
+    assert "Data and pipelines are up to date" in _run(["dvc", "status"], clone, env).stdout
+    assert _ran(_run(["dvc", "repro", "--dry"], clone, env).stdout) == []
+
+
 def _dry_run_with(repo, env, section, key, delta) -> set[str]:
     """The stages `dvc repro` would run after changing one param, without running them.
 
