@@ -14,14 +14,14 @@ import re
 from collections import defaultdict
 
 _NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
+_TOKEN = re.compile(rf"{_NUMBER.pattern}|\w+|[^\w\s]")  # a number, a word, or one punctuation mark
 
 
 def normalise(text: str) -> list:
     """Tokens compared by exact match: lower case, whitespace collapsed, trailing punctuation dropped, and
     numbers as numbers ("238.0" equals "238", "1,000" equals "1000")."""
     text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text.lower()).strip().rstrip(".!?;:").strip()
-    return [float(tok) if _NUMBER.fullmatch(tok) else tok
-            for tok in re.findall(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)|\w+|[^\w\s]", text)]
+    return [float(tok) if _NUMBER.fullmatch(tok) else tok for tok in _TOKEN.findall(text)]
 
 
 def exact_match(prediction: str, reference: str) -> bool:

@@ -12,7 +12,8 @@ from ftstudy.prompt import build_prompt
 from ftstudy.stats import PairedBootstrap
 
 MODEL_ORDER = ["base", "qlora", "lora_wide", "galore", "sequential_ensemble", "rerank"]
-METRICS = {"bleu4": ("BLEU-4", "{:.2f}"), "rouge_l": ("ROUGE-L", "{:.4f}"), "exact_match": ("exact match", "{:.3f}")}
+METRICS = {"bleu4": ("BLEU-4", "BLEU-4 (0-100)", "{:.2f}"), "rouge_l": ("ROUGE-L", "ROUGE-L F1 (0-1)", "{:.4f}"),
+           "exact_match": ("exact match", "exact match (0-1)", "{:.3f}")}
 METHOD_LABELS = {
     "base": "base model (no fine-tuning)",
     "qlora": "QLoRA (NF4 4-bit base, LoRA r=64 on attention)",
@@ -72,9 +73,10 @@ def build_report(params: Params, root: str | Path = ".") -> tuple[str, dict]:
                     "mean response tokens", "dropped (reason count)"], rows), ""]
 
     trained = {m: read_json(root / f"metrics/train/{m}.json") for m in models if (root / f"metrics/train/{m}.json").exists()}
+    budgets = _budgets(params, trained)
     boot = _bootstrap(params, root, models)
     out += _results(models, evals, boot)
-    out += _methods_table(params, trained, evals)
+    out += _methods_table(trained, budgets, evals)
     out += ["### Per source", ""]
     sources = list(data["sources"])
     header = ["model"] + [f"{s} BLEU-4" for s in sources] + [f"{s} ROUGE-L" for s in sources]
@@ -84,7 +86,7 @@ def build_report(params: Params, root: str | Path = ".") -> tuple[str, dict]:
     out += _accuracy_tables(models, evals)
 
     out += _pairwise(models, boot)
-    out += _discussion(params, trained, models, evals, boot)
+    out += _discussion(params, trained, budgets, models, evals, boot)
     out += _figures(root, models, evals, trained)
     out += _showcase(root, models)
     out += _samples(params, root, models)
@@ -121,19 +123,18 @@ def _results(models: list[str], evals: dict, boot: PairedBootstrap) -> list[str]
     pct = round(boot.confidence * 100)
     rows = []
     for m in models:
-        row = [m] + [_ci(boot.interval(m, k), METRICS[k][1]) for k in boot.metrics()]
-        row += ["-" if m == "base" or "base" not in models else _diff(boot.difference(m, "base", k), METRICS[k][1])
+        row = [m] + [_ci(boot.interval(m, k), METRICS[k][2]) for k in boot.metrics()]
+        row += ["-" if m == "base" or "base" not in models else _diff(boot.difference(m, "base", k), METRICS[k][2])
                 for k in boot.metrics()]
         row += [evals[m]["overall"]["n"], f"{evals[m]['generation']['generate_seconds']:.0f}"]
         rows.append(row)
-    scale = {"bleu4": "BLEU-4 (0-100)", "rouge_l": "ROUGE-L F1 (0-1)", "exact_match": "exact match (0-1)"}
     note = (" Exact match: the prediction equals the computed reference after normalising case, whitespace, "
             "trailing punctuation and numbers (generated data only)." if "exact_match" in boot.metrics() else "")
     return ["## Results", "",
             f"Point estimates with {pct} % paired-bootstrap confidence intervals ({len(boot.idx)} resamples of the "
             "test items, the same resamples for every model). `*` marks a difference whose interval excludes 0." + note,
             "",
-            _table(["model"] + [f"{scale[k]} [{pct} % CI]" for k in boot.metrics()]
+            _table(["model"] + [f"{METRICS[k][1]} [{pct} % CI]" for k in boot.metrics()]
                    + [f"{METRICS[k][0]} vs base" for k in boot.metrics()] + ["test items", "eval generation s"], rows), ""]
 
 
@@ -163,7 +164,7 @@ def _pairwise(models: list[str], boot: PairedBootstrap) -> list[str]:
     rows = []
     for i, a in enumerate(methods):
         for b in methods[i + 1:]:
-            rows.append([f"{a} - {b}"] + [_diff(boot.difference(a, b, k), METRICS[k][1]) for k in boot.metrics()])
+            rows.append([f"{a} - {b}"] + [_diff(boot.difference(a, b, k), METRICS[k][2]) for k in boot.metrics()])
     return ["### Method vs method", "", "Each row is the paired difference `a - b` (positive: a scores higher); `*`: significant.", "",
             _table(["pair"] + [f"{METRICS[k][0]} difference" for k in boot.metrics()], rows), ""]
 
@@ -179,14 +180,14 @@ def _significance_json(models: list[str], boot: PairedBootstrap) -> dict:
     return out
 
 
-def _discussion(params: Params, trained: dict, models: list[str], evals: dict, boot: PairedBootstrap) -> list[str]:
+def _discussion(params: Params, trained: dict, budgets: dict, models: list[str], evals: dict,
+                boot: PairedBootstrap) -> list[str]:
     """Sentences that state only what the numbers above show."""
     methods = [m for m in models if m != "base"]
     if not methods or "base" not in models:
         return []
     out = ["## What the numbers show", "", f"_Profile `{params.profile}`; every statement below is computed from the "
            "tables of this report._", ""]
-    budgets = _budgets(params, trained)
     if len({b["tokens"] for b in budgets.values()}) > 1:
         out.append("- **Budgets differ** (tokens trained on, a start's included): "
                    + ", ".join(f"{m} {b['tokens']:,}" for m, b in budgets.items())
@@ -258,26 +259,22 @@ def _showcase(root: Path, models: list[str]) -> list[str]:
 def _budgets(params: Params, trained: dict) -> dict[str, dict]:
     """What each method trained on: optimizer steps, examples and (non-padding) tokens, with those of the run it
     starts from (the hybrid continues QLoRA's adapter, so QLoRA's budget is part of its own)."""
+    own = {m: {"steps": t["steps"], "examples": t["steps"] * t["effective_batch"], "tokens": t["trained_tokens"]}
+           for m, t in trained.items()}
     out = {}
-    for m, t in trained.items():
-        budget = {"steps": t["steps"], "examples": t["steps"] * t["effective_batch"], "tokens": t["trained_tokens"],
-                  "start": None}
+    for m, b in own.items():
         start = method_spec(params, m).starts_from
-        if start in trained:
-            s = trained[start]
-            budget.update(steps=budget["steps"] + s["steps"], examples=budget["examples"] + s["steps"] * s["effective_batch"],
-                          tokens=budget["tokens"] + s["trained_tokens"], start=start)
-        out[m] = budget
+        out[m] = ({k: v + own[start][k] for k, v in b.items()} | {"start": start} if start in own
+                  else b | {"start": None})
     return out
 
 
-def _methods_table(params: Params, trained: dict, evals: dict) -> list[str]:
+def _methods_table(trained: dict, budgets: dict, evals: dict) -> list[str]:
     """The seeds' table: quality before/after and the cost of getting there."""
     if not trained or "base" not in evals:
         return []
     b = evals["base"]["overall"]
     rows = []
-    budgets = _budgets(params, trained)
     for m, t in trained.items():
         o = evals[m]["overall"]
         mem = f"{t['peak_memory_gb']:.2f} ({'GPU max allocated' if t['peak_memory_kind'].startswith('cuda') else 'CPU peak RSS'})"
