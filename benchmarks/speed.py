@@ -12,7 +12,10 @@ instruction tuning), the same learning rate, and an optimizer built by transform
   on every layer, bf16 autocast as ``Trainer(bf16=True)`` does, ``adamw_torch`` / ``galore_adamw_8bit``;
 - project: ``ftstudy.prepare.prepare_model`` and ``completion_loss``, i.e. exactly what the training stages
   run (fused head loss, the levers of ftstudy.fastpath, layer-wise 8-bit GaLore, fused AdamW), with the
-  same checkpointing.
+  same checkpointing;
+- with ``--trl``, a third: the project's model and optimizer, but the loss through TRL's fused LM head
+  (``trl.trainer.utils.add_fused_lm_head``, what TRL's SFTTrainer uses) instead of ``ftstudy.loss``: an A/B of
+  the two heads, everything else equal.
 
 Each variant runs in its own process: Liger patches transformers' Gemma 3 module and compiled code stays
 cached, either of which would leak into a variant measured after it. LoRA dropout is 0 in both, so the
@@ -63,10 +66,11 @@ def make_batches(n: int, batch: int, seq_len: int, vocab: int, prompt_frac: floa
 
 def bench_params(variant: str, cuda: bool, keep_activations: int = 0) -> Params:
     p = dataclasses.replace(default_params(), profile="benchmark")
-    galore = (PROJECT_GALORE if variant == "project" else BASELINE_GALORE)[cuda]
+    ours = variant != "baseline"
+    galore = (PROJECT_GALORE if ours else BASELINE_GALORE)[cuda]
     return dataclasses.replace(
         p, train=dataclasses.replace(p.train, gradient_checkpointing=True, weight_decay=0.0,
-                                     keep_activations=keep_activations if variant == "project" else 0),
+                                     keep_activations=keep_activations if ours else 0),
         train_qlora=dataclasses.replace(p.train_qlora, lora_dropout=0.0, learning_rate=1e-4),
         train_lora_wide=dataclasses.replace(p.train_lora_wide, lora_dropout=0.0, learning_rate=1e-4),
         train_galore=dataclasses.replace(p.train_galore, optimizer=galore, learning_rate=1e-5),
@@ -128,9 +132,16 @@ def build_variant(method: str, variant: str, base_dir: Path, cuda: bool, params:
         if not spec.quantize_4bit:
             model.to("cuda" if cuda else "cpu")
         okw = optimizer_kwargs(spec)
+        if variant == "trl":
+            from trl.trainer.utils import add_fused_lm_head
+
+            from ftstudy.models import causal_lm
+
+            add_fused_lm_head(causal_lm(model))  # its forward, looked up through PEFT's wrapper at each call
+            levers = [lv for lv in levers if lv != "fused_linear_cross_entropy"] + ["trl_fused_lm_head"]
     model.train()
     with tempfile.TemporaryDirectory() as td:
-        opt = make_optimizer(model, okw, spec.learning_rate, cuda, Path(td), variant == "project")
+        opt = make_optimizer(model, okw, spec.learning_rate, cuda, Path(td), variant != "baseline")
     return model, opt, levers, okw["optim"]
 
 
@@ -141,6 +152,8 @@ def train_step(model, opt, batch: dict, variant: str, cuda: bool) -> torch.Tenso
     with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
         if variant == "baseline":
             loss = model(**batch).loss
+        elif variant == "trl":
+            loss = model(**batch, fused_lm_head=True).loss
         else:
             loss = completion_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     loss.backward()
@@ -213,6 +226,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=3, help="untimed first steps (compilation, GaLore's SVD)")
     parser.add_argument("--keep-activations", type=int, default=0,
                         help="the project's train.keep_activations: last N layers not checkpointed")
+    parser.add_argument("--trl", action="store_true",
+                        help="also run the project's path with TRL's fused LM head as its loss (an A/B of the heads)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "VARIANT", "BASE_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -236,7 +251,7 @@ def main(argv=None) -> list[dict]:
                   "--keep-activations", str(args.keep_activations)]
         for method in args.methods:
             got = {}
-            for variant in ("baseline", "project"):
+            for variant in ("baseline", "project", "trl") if args.trl else ("baseline", "project"):
                 proc = subprocess.run([sys.executable, __file__, *shared, "--worker", method, variant, str(base_dir)],
                                       capture_output=True, text=True)
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("WORKER ")]
@@ -261,6 +276,14 @@ def main(argv=None) -> list[dict]:
                            steady_peak_allocated_gb=ours["steady_peak_allocated_gb"],
                            baseline_peak_reserved_gb=base["peak_reserved_gb"], peak_reserved_gb=ours["peak_reserved_gb"],
                            memory_ratio=round(ours["peak_allocated_gb"] / base["peak_allocated_gb"], 3))
+            if args.trl:
+                t = got["trl"]
+                rec.update(trl_tokens_per_s=t["tokens_per_s"], trl_loss=t["loss"], trl_losses=t["losses"],
+                           trl_first_step_s=t["first_step_s"], trl_levers=t["levers"],
+                           trl_vs_project=round(t["tokens_per_s"] / ours["tokens_per_s"], 3))
+                if cuda:
+                    rec.update(trl_peak_allocated_gb=t["peak_allocated_gb"],
+                               trl_steady_peak_allocated_gb=t["steady_peak_allocated_gb"])
             records.append(rec)
             print(json.dumps({k: v for k, v in rec.items() if "losses" not in k}), flush=True)
     print(f"\n{'method':10} {'base tok/s':>11} {'ours tok/s':>11} {'speedup':>8} {'base GB':>8} {'ours GB':>8} "
@@ -269,6 +292,13 @@ def main(argv=None) -> list[dict]:
         print(f"{r['method']:10} {r['baseline_tokens_per_s']:>11.0f} {r['tokens_per_s']:>11.0f} {r['speedup']:>8.2f} "
               f"{r.get('baseline_peak_allocated_gb', float('nan')):>8.2f} {r.get('peak_allocated_gb', float('nan')):>8.2f} "
               f"{r.get('memory_ratio', float('nan')):>9.2f} {r['baseline_loss']:>10.4f} {r['loss']:>10.4f}")
+    if args.trl:
+        print(f"\n{'method':10} {'ours tok/s':>11} {'TRL head tok/s':>15} {'TRL/ours':>9} {'ours GB':>8} {'TRL GB':>8} "
+              f"{'ours loss':>10} {'TRL loss':>10}")
+        for r in records:
+            print(f"{r['method']:10} {r['tokens_per_s']:>11.0f} {r['trl_tokens_per_s']:>15.0f} {r['trl_vs_project']:>9.3f} "
+                  f"{r.get('peak_allocated_gb', float('nan')):>8.2f} {r.get('trl_peak_allocated_gb', float('nan')):>8.2f} "
+                  f"{r['loss']:>10.4f} {r['trl_loss']:>10.4f}")
     if args.out:
         args.out.write_text(json.dumps(records, indent=2) + "\n")
     return records

@@ -2,6 +2,8 @@
 
     python benchmarks/train_methods.py --arch gemma-3-1b --steps 6 --out results.json   # on a GPU
     python benchmarks/train_methods.py --arch tiny --steps 2                            # CPU smoke run
+    python benchmarks/train_methods.py --full-rows --gradient-checkpointing --steps 24 --methods qlora galore \
+        --trace 16 20                        # rows like speed.py's, and where a step's time goes (GPU)
 
 The weights are random (no pretrained weights reach the GPU machine), which does not change compute or
 memory. Each method goes through ftstudy.training.train, the same path the DVC stages use, with the
@@ -68,6 +70,73 @@ def write_train_data(path: Path, per_source: int = 400, join: int = 1, rows: int
     write_jsonl(path, recs)
 
 
+def _row_shape(base_dir: Path, train_path: Path, p) -> dict:
+    """Tokens per training example and the labelled share, as the training stages tokenize them."""
+    from ftstudy.atomic import read_jsonl
+    from ftstudy.batches import tokenize_dataset
+    from ftstudy.models import load_tokenizer
+
+    rows = tokenize_dataset(load_tokenizer(base_dir), read_jsonl(train_path)[:256], p.train.max_seq_len,
+                            p.train.max_prompt_tokens)
+    lengths = [len(r["input_ids"]) for r in rows]
+    labelled = sum(sum(1 for x in r["labels"][1:] if x != -100) for r in rows)
+    return {"mean_tokens": round(sum(lengths) / len(lengths), 1), "min_tokens": min(lengths),
+            "max_tokens": max(lengths), "labelled_fraction": round(labelled / sum(lengths), 3)}
+
+
+def _trace_trainer(first: int, last: int, out: Path) -> None:
+    """Profile steps first..last of every train() call: the stages' Trainer with one callback more."""
+    import time
+
+    from transformers import TrainerCallback
+
+    from ftstudy import training
+
+    base_class = training.completion_trainer_class
+
+    class Profile(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == first:
+                torch.cuda.synchronize() if torch.cuda.is_available() else None
+                acts = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    acts.append(torch.profiler.ProfilerActivity.CUDA)
+                self.prof = torch.profiler.profile(activities=acts)
+                self.prof.__enter__()
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == last + 1 and hasattr(self, "prof"):
+                torch.cuda.synchronize() if torch.cuda.is_available() else None
+                wall = time.perf_counter() - self.t0
+                self.prof.__exit__(None, None, None)
+                events = self.prof.key_averages()
+                steps = last - first + 1
+                device_s = sum(e.self_device_time_total for e in events) / 1e6
+                print(events.table(sort_by="self_device_time_total" if torch.cuda.is_available()
+                                   else "self_cpu_time_total", row_limit=25), flush=True)
+                print(events.table(sort_by="cpu_time_total", row_limit=15), flush=True)
+                top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
+                out.mkdir(parents=True, exist_ok=True)
+                write_json(out / "last.json", {
+                    "steps": [first, last], "wall_s_per_step": round(wall / steps, 4),
+                    "device_busy_s_per_step": round(device_s / steps, 4),
+                    "top_device_ops": {e.key[:80]: round(e.self_device_time_total / 1e6 / steps, 5) for e in top}})
+                del self.prof
+
+    def traced():
+        cls = base_class()
+
+        class Traced(cls):
+            def __init__(self, *a, **k):
+                super().__init__(*a, **k)
+                self.add_callback(Profile())
+
+        return Traced
+
+    training.completion_trainer_class = traced
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=["gemma-3-1b", "tiny"], default="gemma-3-1b")
@@ -77,6 +146,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512, help="train.max_seq_len (rows are packed to it)")
     parser.add_argument("--join", type=int, default=1,
                         help="generated rows joined into one example (~33 tokens each): 1 = short instruction rows")
+    parser.add_argument("--full-rows", action="store_true",
+                        help="every example exactly --seq-len tokens, its second half labelled: speed.py's rows "
+                             "(--prompt-frac 0.5), so tokens/s compare directly")
+    parser.add_argument("--trace", nargs=2, type=int, metavar=("FIRST", "LAST"),
+                        help="profile optimizer steps FIRST..LAST of each method: GPU kernel time per step against "
+                             "wall time, and the costliest operations")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="train.compile")
     parser.add_argument("--out", type=Path)
@@ -85,14 +160,19 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="train_methods_"))
     build_base(args.arch, work / "models" / "base")
-    write_train_data(work / "train.jsonl", join=args.join)
+    join, max_prompt = args.join, args.seq_len * 3 // 4
+    if args.full_rows:  # ~33 tokens a generated row: 48 joined overflow both halves, which truncation evens out
+        join, max_prompt = max(join, 48), args.seq_len // 2
+    write_train_data(work / "train.jsonl", join=join)
+    if args.trace:
+        _trace_trainer(*args.trace, work / "traces")
 
     p = default_params()
     galore_opt = "galore_adamw_8bit_layerwise" if cuda else "galore_adamw_layerwise"
     p = dataclasses.replace(
         p, train=dataclasses.replace(p.train, batch_size=args.batch, save_steps=10**6, warmup_steps=0,
                                      max_seq_len=args.seq_len, compile=args.compile,
-                                     cuda_graphs="off" if args.compile == "off" else "auto", max_prompt_tokens=args.seq_len * 3 // 4,
+                                     cuda_graphs="off" if args.compile == "off" else "auto", max_prompt_tokens=max_prompt,
                                      gradient_checkpointing=args.gradient_checkpointing),
         train_galore=dataclasses.replace(p.train_galore, optimizer=galore_opt, max_steps=args.steps),
         train_sequential_ensemble=dataclasses.replace(p.train_sequential_ensemble, optimizer=galore_opt,
@@ -114,6 +194,11 @@ def main() -> None:
         m["arch"] = args.arch
         m["profile"] = f"benchmark: the {p.profile} profile's settings above, random {args.arch} weights, generated rows"
         m["gpu"] = torch.cuda.get_device_name() if cuda else None
+        m["rows"] = _row_shape(work / "models" / "base", work / "train.jsonl", p)
+        if args.trace:
+            trace = work / "traces" / "last.json"
+            m["trace"] = json.loads(trace.read_text()) if trace.exists() else None
+            trace.unlink(missing_ok=True)
         results.append(m)
         print(json.dumps(m), flush=True)
 
