@@ -68,7 +68,7 @@ def main() -> None:
     tokenizer = train_tiny_tokenizer(512, seed=0)
     examples = tokenize_dataset(tokenizer, read_jsonl(data)[:8], 512, 384)
     batch = Collator(0, pack=True, row_len=512)(examples)
-    batch.pop("num_tokens")
+    batch.pop("num_tokens")  # a host-side count, not a model input
     batch = {k: v.cuda() for k, v in batch.items()}
     results = {"batch_shape": list(batch["input_ids"].shape), "eager": grads(make("sdpa", args.layers), batch)}
     print("eager", results["eager"], flush=True)

@@ -163,7 +163,7 @@ def train_step(model, opt, batch: dict, variant: str, cuda: bool) -> torch.Tenso
 
 
 def run_worker(method: str, variant: str, base_dir: Path, batches: list[dict], warmup: int,
-               keep_activations: int = 0) -> dict:
+               keep_activations: int = 0, trace_dir: Path | None = None) -> dict:
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     model, opt, levers, optim = build_variant(method, variant, base_dir, cuda,
@@ -176,7 +176,13 @@ def run_worker(method: str, variant: str, base_dir: Path, batches: list[dict], w
     run_peak = run_reserved = 0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    prof = None
     for step, b in enumerate(batches):
+        if trace_dir and step == warmup + 2:  # a few timed steps under the profiler (timed apart, below)
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                          + ([torch.profiler.ProfilerActivity.CUDA] if cuda else []))
+            prof.__enter__()
+            traced, t_traced = 0, time.perf_counter()
         if step == warmup and cuda:
             # CUDA graphs allocate their memory while recording, in the warm-up; replays allocate nothing, so
             # the allocator's peak over the timed steps alone would miss it. The whole run's peak counts it.
@@ -193,9 +199,22 @@ def run_worker(method: str, variant: str, base_dir: Path, batches: list[dict], w
             torch.cuda.synchronize()
         if step == 0:
             first = time.perf_counter() - first
-        if step >= warmup:
+        if prof is not None:
+            traced += 1
+        elif step >= warmup:
             times.append(time.perf_counter() - t0)
         losses.append(round(float(loss.detach()), 5))
+        if prof is not None and traced == 4:
+            wall = (time.perf_counter() - t_traced) / traced
+            prof.__exit__(None, None, None)
+            events = prof.key_averages()
+            busy = sum(e.self_device_time_total for e in events if not e.key.startswith("## ")) / 1e6 / traced
+            trace_dir.mkdir(parents=True, exist_ok=True)
+            (trace_dir / f"trace_{method}_{variant}.txt").write_text(
+                f"wall s/step {wall:.4f} (profiled), device busy s/step {busy:.4f}\n"
+                + events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=25)
+                + "\n" + events.table(sort_by="cpu_time_total", row_limit=20))
+            prof = None
     rec = {"tokens_per_s": round(batches[0]["input_ids"].numel() / statistics.median(times), 1),
            "loss": losses[-1], "losses": losses, "optimizer": optim, "levers": levers,
            "first_step_s": round(first, 2)}
@@ -228,6 +247,8 @@ def main(argv=None) -> list[dict]:
                         help="the project's train.keep_activations: last N layers not checkpointed")
     parser.add_argument("--trl", action="store_true",
                         help="also run the project's path with TRL's fused LM head as its loss (an A/B of the heads)")
+    parser.add_argument("--trace-dir", type=Path,
+                        help="profile 4 steps after the timed ones' start in every variant; tables written there")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "VARIANT", "BASE_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -237,7 +258,7 @@ def main(argv=None) -> list[dict]:
     if args.worker:
         method, variant, base_dir = args.worker
         print("WORKER " + json.dumps(run_worker(method, variant, Path(base_dir), batches, args.warmup,
-                                                args.keep_activations)), flush=True)
+                                                args.keep_activations, args.trace_dir)), flush=True)
         return []
 
     records = []
@@ -248,7 +269,8 @@ def main(argv=None) -> list[dict]:
         build_base(arch, base_dir, cuda)
         shared = ["--arch", args.arch, "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--prompt-frac",
                   str(args.prompt_frac), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                  "--keep-activations", str(args.keep_activations)]
+                  "--keep-activations", str(args.keep_activations),
+                  *(["--trace-dir", str(args.trace_dir.resolve())] if args.trace_dir else [])]
         for method in args.methods:
             got = {}
             for variant in ("baseline", "project", "trl") if args.trl else ("baseline", "project"):

@@ -112,7 +112,7 @@ def _trace_trainer(first: int, last: int, out: Path) -> None:
                 self.prof.__exit__(None, None, None)
                 events = self.prof.key_averages()
                 steps = last - first + 1
-                device_s = sum(e.self_device_time_total for e in events) / 1e6
+                device_s = sum(e.self_device_time_total for e in events if not e.key.startswith("## ")) / 1e6
                 print(events.table(sort_by="self_device_time_total" if torch.cuda.is_available()
                                    else "self_cpu_time_total", row_limit=25), flush=True)
                 print(events.table(sort_by="cpu_time_total", row_limit=15), flush=True)

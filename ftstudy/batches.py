@@ -22,7 +22,8 @@ class Collator:
     Rows, not the whole batch as one sequence: SDPA has no variable-length kernel, so a packed sequence gets
     a dense mask and its attention costs the square of its length: on an H200 a QLoRA step of 64 x 512 tokens as
     one sequence took 3.3x as long as one of 32 x 512. Rows of ``row_len`` cost what a padded batch's rows do.
-    ``num_tokens`` (the non-padding tokens) rides along for the throughput metrics.
+    ``num_tokens`` (the non-padding tokens) rides along for the throughput metrics, as a Python int: counted here,
+    on the host, it never makes the training loop wait for the GPU.
     """
 
     def __init__(self, pad_id: int, pack: bool = False, row_len: int | None = None, width_buckets: int = 0):
@@ -72,7 +73,7 @@ class Collator:
                     at += n
                 positions[r, at:] = torch.arange(width - at)
             return {"input_ids": ids, "labels": labels, "position_ids": positions,
-                    "num_tokens": torch.tensor(sum(lengths))}
+                    "num_tokens": sum(lengths)}
         width = self._width(max(len(e["input_ids"]) for e in examples))
         ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -82,7 +83,8 @@ class Collator:
             ids[i, :n] = torch.tensor(e["input_ids"])
             labels[i, :n] = torch.tensor(e["labels"])
             mask[i, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+                "num_tokens": sum(len(e["input_ids"]) for e in examples)}
 
 
 def packed_batches(packing: bool, levers: list[str]) -> bool:

@@ -59,13 +59,14 @@ def completion_trainer_class():
             return layerwise.grad_norm() if layerwise else super()._clip_grad_norm(model)
 
         def _get_grad_norm(self, model, grad_norm=None):
+            # Called after _clip_grad_norm; only without clipping (max_grad_norm 0) is the norm still to be read.
             layerwise = self._layerwise()
-            return layerwise.grad_norm().item() if layerwise else super()._get_grad_norm(model, grad_norm)
+            if layerwise and grad_norm is None:
+                return layerwise.grad_norm()
+            return super()._get_grad_norm(model, grad_norm)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            # Packed batches carry their token count (their padding has no attention mask); padded ones a mask.
-            count = inputs.pop("num_tokens", None)
-            self.tokens_trained += int(inputs["attention_mask"].sum() if count is None else count)
+            self.tokens_trained += inputs.pop("num_tokens")  # the collator's host-side count: no wait on the GPU
             self.batch_shapes.append(tuple(inputs["input_ids"].shape))
             if model.training:
                 # A new step for cudagraph trees: the previous step's graph outputs may be overwritten now.

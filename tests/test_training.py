@@ -66,7 +66,7 @@ def test_masked_prompt_contributes_no_loss(tiny_model, tiny_tokenizer):
 def test_completion_loss_equals_the_standard_full_logits_loss(tiny_model, tiny_tokenizer):
     batch = _batch(tiny_tokenizer, _records(4))
     ours = completion_loss(tiny_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    standard = tiny_model(**batch).loss
+    standard = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     assert ours.item() == pytest.approx(standard.item(), rel=1e-5)
 
 
@@ -86,7 +86,7 @@ def test_packed_batches_learn_exactly_what_padded_batches_do(tiny_model_dir, tin
         if pack:  # fewer rows than examples, padded to the longest row, none over row_len
             assert batch["input_ids"].shape[0] < len(examples) and batch["input_ids"].shape[1] <= row_len
             assert (batch["input_ids"] == tiny_tokenizer.pad_token_id).any()
-            assert int(batch["num_tokens"]) == sum(len(e["input_ids"]) for e in examples)
+            assert batch["num_tokens"] == sum(len(e["input_ids"]) for e in examples)
         model = load_model(tiny_model_dir).train()
         if method == "lora":
             torch.manual_seed(0)
@@ -116,7 +116,7 @@ def test_packing_fills_rows_first_fit_decreasing_and_never_exceeds_the_row_lengt
     assert all(sum([6, 3, 4, 7, 2, 10, 1][i] for i in r) <= 10 for r in rows)
     assert len(rows) == 4  # 33 tokens need 4 rows of 10, and first-fit decreasing finds them
     batch = collate([{"input_ids": [5] * n, "labels": [5] * n} for n in (6, 3, 4, 7, 2, 10, 1)])
-    assert batch["input_ids"].shape == (4, 10) and int(batch["num_tokens"]) == 33
+    assert batch["input_ids"].shape == (4, 10) and batch["num_tokens"] == 33
     assert (batch["labels"] != IGNORE_INDEX).sum() == 33 - 7  # each example's first label is masked
     assert Collator(0, pack=True)([{"input_ids": [5] * n, "labels": [5] * n} for n in (3, 2)])["input_ids"].shape == (2, 3)
 
