@@ -42,11 +42,11 @@ def params_for(method: str, processes: int, strategy: str, steps: int, batch: in
     p = dataclasses.replace(default_params(), profile="benchmark")
     return dataclasses.replace(
         p, train=dataclasses.replace(p.train, batch_size=batch, max_seq_len=seq_len, max_prompt_tokens=seq_len // 2,
-                                     save_steps=steps, warmup_steps=0, gradient_checkpointing=True,
+                                     save_steps=steps, warmup_steps=0, gradient_checkpointing=True, max_steps=steps,
                                      num_processes=processes, strategy=strategy),
-        train_qlora=dataclasses.replace(p.train_qlora, max_steps=steps, lora_dropout=0.0),
-        train_lora_wide=dataclasses.replace(p.train_lora_wide, max_steps=steps, lora_dropout=0.0),
-        train_galore=dataclasses.replace(p.train_galore, optimizer="adamw_torch", max_steps=steps),
+        train_qlora=dataclasses.replace(p.train_qlora, lora_dropout=0.0),
+        train_lora_wide=dataclasses.replace(p.train_lora_wide, lora_dropout=0.0),
+        train_galore=dataclasses.replace(p.train_galore, optimizer="adamw_torch"),
         ui=dataclasses.replace(p.ui, progress_bar=False),
     )
 

@@ -67,7 +67,7 @@ def write_params(profile: str, overrides: list[str], out: Path) -> None:
 
 def extrapolate(timings: dict[str, dict], measured: Params, study: Params) -> dict:
     """Each stage's time at the study's size, from what it measured here."""
-    steps = {m: getattr(study, f"train_{m}").max_steps for m in TRAINED.values()}
+    steps = {m: study.train.max_steps for m in TRAINED.values()}  # one budget; the hybrid's two phases share it
     gaps = {m: getattr(study, f"train_{m}").update_proj_gap for m in ("galore", "sequential_ensemble")}
     prompts = study.data.test_per_source * len(study.data.sources)
     measured_prompts = measured.data.test_per_source * len(measured.data.sources)

@@ -95,7 +95,7 @@ def preprocess(p: DataParams, seed: int, raw_dir: str | Path, out_dir: str | Pat
     are dropped as duplicates, so train and test never overlap.
     """
     raw_dir = Path(raw_dir)
-    train, test, stats = [], [], {"sources": {}}
+    train, val, test, stats = [], [], [], {"sources": {}}
     for source in p.sources:
         drops: Counter = Counter({r: 0 for r in DROP_REASONS})
         seen_ids: set = set()
@@ -117,18 +117,20 @@ def preprocess(p: DataParams, seed: int, raw_dir: str | Path, out_dir: str | Pat
             rng.shuffle(pool)
         if "test" not in pools:
             pools["test"], pools["train"] = pools["train"][: p.test_per_source], pools["train"][p.test_per_source:]
-        for ours, wanted in (("train", p.train_per_source), ("test", p.test_per_source)):
+        for ours, wanted, keys in (("train", p.train_per_source + p.val_per_source, "train_per_source + val_per_source"),
+                                   ("test", p.test_per_source, "test_per_source")):
             if len(pools[ours]) < wanted:
                 raise UserError(
-                    f"data.{ours}_per_source={wanted} but {source} has only {len(pools[ours])} clean {ours} rows "
-                    f"(dropped: {dict((k, v) for k, v in drops.items() if v)}); lower data.{ours}_per_source "
+                    f"data.{keys}={wanted} but {source} has only {len(pools[ours])} clean {ours} rows "
+                    f"(dropped: {dict((k, v) for k, v in drops.items() if v)}); lower data.{keys} "
                     f"or raise data.pool_per_source"
                 )
         train += pools["train"][: p.train_per_source]
+        val += pools["train"][p.train_per_source: p.train_per_source + p.val_per_source]  # never test rows
         test += pools["test"][: p.test_per_source]
         stats["sources"][source] = {
             "raw_rows": n_raw, "kept_rows": sum(len(v) for v in pools.values()),
-            "dropped": dict(drops), "train": p.train_per_source, "test": p.test_per_source,
+            "dropped": dict(drops), "train": p.train_per_source, "val": p.val_per_source, "test": p.test_per_source,
         }
     if tokenizer is not None:
         for source in p.sources:
@@ -138,8 +140,11 @@ def preprocess(p: DataParams, seed: int, raw_dir: str | Path, out_dir: str | Pat
                     [len(tokenize_prompt(tokenizer, r, 10**9)) for r in mine])
                 stats["sources"][source][f"{name}_response_tokens"] = _length_stats(
                     [len(tokenizer(r["response"], add_special_tokens=False)["input_ids"]) for r in mine])
-    stats["train_rows"], stats["test_rows"] = len(train), len(test)
+    # Training takes examples in file order (every method the same stream): the sources interleaved, seeded.
+    random.Random(f"{seed}/train-order").shuffle(train)
+    stats["train_rows"], stats["val_rows"], stats["test_rows"] = len(train), len(val), len(test)
     with atomic_dir(out_dir) as tmp:
         write_jsonl(tmp / "train.jsonl", train)
+        write_jsonl(tmp / "val.jsonl", val)
         write_jsonl(tmp / "test.jsonl", test)
     return stats

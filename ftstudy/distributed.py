@@ -49,7 +49,7 @@ def check(spec, t, cuda: bool, gpus: int | None = None) -> None:
     if spec.optimizer.endswith("_layerwise"):
         fix = spec.optimizer.removesuffix("_layerwise")
         raise UserError(
-            f"train_{spec.name}.optimizer={spec.optimizer} steps each weight inside its backward hook, which data "
+            f"{spec.section}.optimizer={spec.optimizer} steps each weight inside its backward hook, which data "
             f"parallelism cannot synchronise (transformers: layer-wise GaLore does not support DDP); with "
             f"train.num_processes={n} use optimizer={fix} (the same GaLore update, after the gradient all-reduce)"
         )
@@ -64,7 +64,7 @@ def check(spec, t, cuda: bool, gpus: int | None = None) -> None:
         if spec.galore is not None:
             raise UserError(
                 f"train.strategy=fsdp shards every gradient, while GaLore ({spec.optimizer}) projects each weight's "
-                f"whole gradient; use strategy=ddp with {spec.optimizer}, or train_{spec.name}.optimizer=adamw_torch "
+                f"whole gradient; use strategy=ddp with {spec.optimizer}, or {spec.section}.optimizer=adamw_torch "
                 f"for full-parameter training under FSDP"
             )
 

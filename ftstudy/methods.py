@@ -15,6 +15,7 @@ from ftstudy.errors import UserError
 from ftstudy.params import Params
 
 METHODS = ("qlora", "galore", "lora_wide", "sequential_ensemble")
+HYBRID_QLORA_PHASE = "sequential_ensemble_qlora"  # the hybrid's first phase: its adapter lives in models/ by this name
 EIGHT_BIT_OPTIMIZERS = ("galore_adamw_8bit", "galore_adamw_8bit_layerwise")
 LAYERWISE_OPTIMIZERS = ("galore_adamw_layerwise", "galore_adamw_8bit_layerwise")
 
@@ -45,6 +46,14 @@ class MethodSpec:
     galore: GaloreSpec | None
     learning_rate: float
     max_steps: int
+    # Optimizer steps of the example stream already trained on before this run (the hybrid's GaLore phase continues
+    # where its QLoRA phase stopped): the run starts that far into the stream.
+    skip_steps: int = 0
+
+    @property
+    def section(self) -> str:
+        """The params.yaml section that configures this run (the hybrid's QLoRA phase: train_qlora's)."""
+        return "train_qlora" if self.name == HYBRID_QLORA_PHASE else f"train_{self.name}"
 
     @property
     def starts_from(self) -> str | None:
@@ -62,22 +71,33 @@ class MethodSpec:
 
 
 def method_spec(params: Params, name: str) -> MethodSpec:
-    """The spec of ``name`` from params: the only place where methods differ."""
-    if name == "qlora":
+    """The spec of ``name`` from params: the only place where methods differ. Every method trains train.max_steps;
+    the hybrid's two phases (``sequential_ensemble_qlora`` then ``sequential_ensemble``) share them."""
+    steps = params.train.max_steps
+    if name in ("qlora", HYBRID_QLORA_PHASE):
         q = params.train_qlora
         return MethodSpec(name, "base", True, LoraSpec(q.lora_r, q.lora_alpha, q.lora_dropout, tuple(q.target_modules)),
-                          "adamw_torch", None, q.learning_rate, q.max_steps)
+                          "adamw_torch", None, q.learning_rate, steps if name == "qlora" else params.hybrid_steps[0])
     if name == "lora_wide":
         w = params.train_lora_wide
         return MethodSpec(name, "base", False, LoraSpec(w.lora_r, w.lora_alpha, w.lora_dropout, tuple(w.target_modules)),
-                          "adamw_torch", None, w.learning_rate, w.max_steps)
+                          "adamw_torch", None, w.learning_rate, steps)
     if name in ("galore", "sequential_ensemble"):
         g = params.train_galore if name == "galore" else params.train_sequential_ensemble
         galore = (GaloreSpec(g.rank, g.update_proj_gap, g.scale, tuple(g.target_modules))
                   if g.optimizer.startswith("galore") else None)  # adamw_torch: plain full-parameter training
-        return MethodSpec(name, "base" if name == "galore" else "merged:qlora", False, None, g.optimizer, galore,
-                          g.learning_rate, g.max_steps)
+        if name == "galore":
+            return MethodSpec(name, "base", False, None, g.optimizer, galore, g.learning_rate, steps)
+        first, rest = params.hybrid_steps
+        return MethodSpec(name, f"merged:{HYBRID_QLORA_PHASE}", False, None, g.optimizer, galore, g.learning_rate,
+                          rest, skip_steps=first)
     raise UserError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
+
+
+def phases(params: Params, name: str) -> list[MethodSpec]:
+    """The runs that train ``name``, in order: one, or the hybrid's QLoRA phase and then its GaLore phase."""
+    first = [method_spec(params, HYBRID_QLORA_PHASE)] if name == "sequential_ensemble" else []
+    return first + [method_spec(params, name)]
 
 
 def check_hardware(spec: MethodSpec, cuda: bool | None = None) -> None:
@@ -85,7 +105,7 @@ def check_hardware(spec: MethodSpec, cuda: bool | None = None) -> None:
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if spec.eight_bit and not cuda:
         raise UserError(
-            f"train_{spec.name}.optimizer={spec.optimizer} needs CUDA (bitsandbytes' 8-bit optimizers), and no CUDA "
+            f"{spec.section}.optimizer={spec.optimizer} needs CUDA (bitsandbytes' 8-bit optimizers), and no CUDA "
             f"device is visible; on a CPU use galore_adamw_layerwise or galore_adamw"
         )
     if spec.quantize_4bit:
@@ -93,7 +113,7 @@ def check_hardware(spec: MethodSpec, cuda: bool | None = None) -> None:
             import bitsandbytes  # noqa: F401
         except Exception as err:  # an ImportError, or a broken native library raising at import
             raise UserError(
-                f"train_{spec.name} loads the base in 4-bit NF4, which needs bitsandbytes, and it cannot be imported "
+                f"{spec.section} loads the base in 4-bit NF4, which needs bitsandbytes, and it cannot be imported "
                 f"here ({type(err).__name__}: {err}); install it with `pip install 'bitsandbytes>=0.49,<0.51'`"
             ) from None
 

@@ -79,6 +79,8 @@ class DataParams:
     hub_revision: str = _spec()
     pool_per_source: int = _spec(ge=1, doc="raw rows fetched or generated per source and split")
     train_per_source: int = _spec(ge=1)
+    val_per_source: int = _spec(ge=1, doc="validation rows carved from the training pool (never the test set): the "
+                                          "teacher-forced loss that settings are chosen on")
     test_per_source: int = _spec(ge=1)
     multi_turn: str = _spec(choices=MULTI_TURN_POLICIES)
     max_chars: int = _spec(ge=16, doc="rows with a longer field are skipped as too_long")
@@ -98,6 +100,8 @@ class TrainParams:
 
     max_seq_len: int = _spec(ge=16, le=32768)
     max_prompt_tokens: int = _spec(ge=8)
+    max_steps: int = _spec(ge=1, doc="the training budget: optimizer steps every method trains (the same examples "
+                                     "and tokens for all); the hybrid splits it between its two phases")
     batch_size: int = _spec(ge=1)
     grad_accum: int = _spec(ge=1)
     warmup_steps: int = _spec(ge=0)
@@ -129,7 +133,6 @@ class LoraParams:
     lora_dropout: float = _spec(ge=0, le=0.9)
     target_modules: list = _spec(subset=LINEAR_NAMES)
     learning_rate: float = _spec(gt=0, le=1)
-    max_steps: int = _spec(ge=1)
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,14 @@ class GaloreParams:
     scale: float = _spec(gt=0)
     target_modules: list = _spec(subset=("self_attn", "mlp"))
     learning_rate: float = _spec(gt=0, le=1)
-    max_steps: int = _spec(ge=1)
+
+
+@dataclass(frozen=True)
+class HybridParams(GaloreParams):
+    """The sequential hybrid's GaLore phase; its QLoRA phase trains with train_qlora's settings."""
+
+    qlora_fraction: float = _spec(gt=0, lt=1, doc="share of train.max_steps its QLoRA phase takes; the GaLore phase "
+                                                  "the rest, continuing the same stream of examples")
 
 
 MODELS = ("base", "qlora", "lora_wide", "galore", "sequential_ensemble")
@@ -191,15 +201,27 @@ class Params:
     train_qlora: LoraParams
     train_lora_wide: LoraParams
     train_galore: GaloreParams
-    train_sequential_ensemble: GaloreParams
+    train_sequential_ensemble: HybridParams
     evaluate: EvaluateParams
     rerank: RerankParams
     report: ReportParams
     ui: UiParams
 
+    @property
+    def hybrid_steps(self) -> tuple[int, int]:
+        """Steps of the hybrid's QLoRA phase and of its GaLore phase: train.max_steps between them."""
+        qlora = round(self.train.max_steps * self.train_sequential_ensemble.qlora_fraction)
+        return qlora, self.train.max_steps - qlora
+
 
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
+
+
+UNKNOWN_KEY_HINTS = {
+    "max_steps": ". The methods share one budget, train.max_steps (the hybrid splits it with "
+                 "train_sequential_ensemble.qlora_fraction): steps per method would compare unequal budgets",
+}
 
 
 def _build(cls, raw: Any, prefix: str, problems: list[str]):
@@ -211,7 +233,7 @@ def _build(cls, raw: Any, prefix: str, problems: list[str]):
     for key in raw:
         if key not in fields:
             problems.append(
-                f"{prefix}{key}: unknown key; allowed keys here: {', '.join(sorted(fields))}"
+                f"{prefix}{key}: unknown key; allowed keys here: {', '.join(sorted(fields))}" + UNKNOWN_KEY_HINTS.get(key, "")
             )
     values = {}
     for name, f in fields.items():
@@ -285,11 +307,19 @@ def _check_value(dotted: str, value: Any, tp, meta, problems: list[str]) -> bool
 
 def _cross_checks(p: Params, problems: list[str]) -> None:
     d = p.data
-    if d.source == "synthetic" and d.train_per_source + d.test_per_source > d.pool_per_source:
+    if d.source == "synthetic" and d.train_per_source + d.val_per_source + d.test_per_source > d.pool_per_source:
         problems.append(
-            f"data.train_per_source + data.test_per_source: {d.train_per_source} + {d.test_per_source} "
-            f"exceeds data.pool_per_source ({d.pool_per_source}), the rows generated per source; "
-            f"allowed: a sum <= data.pool_per_source (raise the pool or lower the counts)"
+            f"data.train_per_source + data.val_per_source + data.test_per_source: {d.train_per_source} + "
+            f"{d.val_per_source} + {d.test_per_source} exceeds data.pool_per_source ({d.pool_per_source}), the rows "
+            f"generated per source; allowed: a sum <= data.pool_per_source (raise the pool or lower the counts)"
+        )
+    qlora_steps, _ = p.hybrid_steps
+    if not 1 <= qlora_steps < p.train.max_steps:
+        problems.append(
+            f"train_sequential_ensemble.qlora_fraction: {p.train_sequential_ensemble.qlora_fraction} of "
+            f"train.max_steps={p.train.max_steps} gives the hybrid's QLoRA phase {qlora_steps} steps and its GaLore "
+            f"phase {p.train.max_steps - qlora_steps}; allowed: a fraction that leaves each phase >= 1 step "
+            f"(or a larger train.max_steps)"
         )
     for name in ("train_galore", "train_sequential_ensemble"):
         g = getattr(p, name)

@@ -6,7 +6,6 @@ import random
 from pathlib import Path
 
 from ftstudy.atomic import read_json, read_jsonl, write_json, write_text
-from ftstudy.methods import method_spec
 from ftstudy.params import Params
 from ftstudy.prompt import build_prompt
 from ftstudy.stats import PairedBootstrap
@@ -73,7 +72,7 @@ def build_report(params: Params, root: str | Path = ".") -> tuple[str, dict]:
                     "mean response tokens", "dropped (reason count)"], rows), ""]
 
     trained = {m: read_json(root / f"metrics/train/{m}.json") for m in models if (root / f"metrics/train/{m}.json").exists()}
-    budgets = _budgets(params, trained)
+    budgets = _budgets(trained)
     boot = _bootstrap(params, root, models)
     out += _results(models, evals, boot)
     out += _methods_table(trained, budgets, evals)
@@ -189,9 +188,13 @@ def _discussion(params: Params, trained: dict, budgets: dict, models: list[str],
     out = ["## What the numbers show", "", f"_Profile `{params.profile}`; every statement below is computed from the "
            "tables of this report._", ""]
     if len({b["tokens"] for b in budgets.values()}) > 1:
-        out.append("- **Budgets differ** (tokens trained on, a start's included): "
+        out.append("- **Budgets differ** (tokens trained on): "
                    + ", ".join(f"{m} {b['tokens']:,}" for m, b in budgets.items())
                    + ". A difference between two methods with different budgets may be the budget's, not the method's.")
+    elif budgets:
+        b = next(iter(budgets.values()))
+        out.append(f"- **Equal budgets**: every method trained {b['steps']} steps on the same {b['examples']:,} examples "
+                   f"({b['tokens']:,} tokens), so the differences below are the methods', at this budget.")
     ranked = sorted(methods, key=lambda m: boot.points[m]["rouge_l"], reverse=True)
     best = ranked[0]
     line = f"- **Best ROUGE-L: {best}** ({boot.points[best]['rouge_l']:.4f})"
@@ -224,9 +227,8 @@ def _discussion(params: Params, trained: dict, budgets: dict, models: list[str],
     if "sequential_ensemble" in methods and "qlora" in methods:
         d = boot.difference("sequential_ensemble", "qlora", "rouge_l")
         extra = ""
-        if "sequential_ensemble" in budgets and "qlora" in budgets:
-            extra = (f"; the hybrid trained on {budgets['sequential_ensemble']['steps'] - budgets['qlora']['steps']} "
-                     f"more steps than QLoRA alone")
+        if budgets.get("sequential_ensemble", {}).get("phases"):
+            extra = f"; the hybrid's budget split as {budgets['sequential_ensemble']['phases']}"
         out.append(f"- The sequential hybrid vs QLoRA alone: {d.estimate:+.4f} ROUGE-L ("
                    + ("significant" if d.excludes_zero else "not significant") + f"{extra}).")
     if "rerank" in methods:
@@ -256,17 +258,12 @@ def _showcase(root: Path, models: list[str]) -> list[str]:
     return out
 
 
-def _budgets(params: Params, trained: dict) -> dict[str, dict]:
-    """What each method trained on: optimizer steps, examples and (non-padding) tokens, with those of the run it
-    starts from (the hybrid continues QLoRA's adapter, so QLoRA's budget is part of its own)."""
-    own = {m: {"steps": t["steps"], "examples": t["steps"] * t["effective_batch"], "tokens": t["trained_tokens"]}
-           for m, t in trained.items()}
-    out = {}
-    for m, b in own.items():
-        start = method_spec(params, m).starts_from
-        out[m] = ({k: v + own[start][k] for k, v in b.items()} | {"start": start} if start in own
-                  else b | {"start": None})
-    return out
+def _budgets(trained: dict) -> dict[str, dict]:
+    """What each method trained on: optimizer steps, examples and (non-padding) tokens, all its phases included, and
+    how the hybrid split them."""
+    return {m: {"steps": t["steps"], "examples": t["steps"] * t["effective_batch"], "tokens": t["trained_tokens"],
+                "phases": " + ".join(f"{p['steps']} {p['optimizer']}" for p in t.get("phases", []))}
+            for m, t in trained.items()}
 
 
 def _methods_table(trained: dict, budgets: dict, evals: dict) -> list[str]:
@@ -281,7 +278,7 @@ def _methods_table(trained: dict, budgets: dict, evals: dict) -> list[str]:
         g = budgets[m]
         rows.append([METHOD_LABELS.get(m, m), f"{b['bleu4_corpus_0_100']:.2f}", f"{o['bleu4_corpus_0_100']:.2f}",
                      f"{b['rouge_l_f1_0_1']:.4f}", f"{o['rouge_l_f1_0_1']:.4f}", mem, f"{t['train_seconds'] / 60:.1f}",
-                     f"{g['steps']} / {g['examples']:,} / {g['tokens']:,}" + (f" (with {g['start']}'s)" if g["start"] else ""),
+                     f"{g['steps']} / {g['examples']:,} / {g['tokens']:,}" + (f" ({g['phases']})" if g["phases"] else ""),
                      f"{t['tokens_per_s']:.0f}", f"{t['trainable_params']:,}", t["optimizer"],
                      t.get("gradient_clipping", "not recorded"), f"{t['final_train_loss']:.3f}"])
     return ["### Methods", "",

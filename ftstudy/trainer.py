@@ -12,6 +12,7 @@ import torch
 from ftstudy import galore
 from ftstudy.loss import completion_loss
 from ftstudy.methods import LAYERWISE_OPTIMIZERS
+from ftstudy.prompt import IGNORE_INDEX
 
 
 def completion_trainer_class():
@@ -41,6 +42,13 @@ def completion_trainer_class():
             if args.optim == "galore_adamw_8bit":  # galore-torch's class as installed binds bitsandbytes wrongly
                 cls = galore.adamw_8bit_class()
             return cls, kwargs
+
+        def _get_train_sampler(self, train_dataset=None):
+            # The stream in file order (preprocess shuffled it, seeded): every method sees the same examples in the
+            # same order, and the hybrid's second phase can continue where its first stopped.
+            import torch.utils.data
+
+            return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
 
         def create_optimizer(self, model=None):
             # transformers' own layer-wise GaLore never sees the learning-rate schedule (ftstudy.galore)
@@ -142,7 +150,7 @@ def total_steady(devices: list[dict]) -> float | None:
     return None if None in rates else round(sum(rates), 2)
 
 
-def curve_callback(live_dir: Path, resume: bool):
+def curve_callback(live_dir: Path, resume: bool, step_offset: int = 0):
     from transformers import TrainerCallback
 
     from dvclive import Live
@@ -157,7 +165,7 @@ def curve_callback(live_dir: Path, resume: bool):
             logs = logs or {}
             if "loss" not in logs:
                 return
-            self.live.step = state.global_step
+            self.live.step = state.global_step + step_offset
             self.live.log_metric("train/loss", float(logs["loss"]))
             if "learning_rate" in logs:
                 self.live.log_metric("train/learning_rate", float(logs["learning_rate"]))
@@ -169,6 +177,32 @@ def curve_callback(live_dir: Path, resume: bool):
             self.live.end()
 
     return CurveCallback()
+
+
+@torch.no_grad()
+def validation_loss(model, tokenizer, records: list[dict], t, collate) -> float | None:
+    """Mean per-token loss of the responses in ``records`` (teacher-forced: independent of decoding), eager and without
+    dropout; the model is put back in training mode after."""
+    from ftstudy.batches import tokenize_dataset
+
+    if not records:
+        return None
+    examples = tokenize_dataset(tokenizer, records, t.max_seq_len, t.max_prompt_tokens)
+    device = next(p for p in model.parameters()).device
+    total = count = 0.0
+    was_training = model.training
+    model.eval()
+    with torch.compiler.set_stance("force_eager"):  # compiled layers would compile a no-grad graph per new shape
+        for i in range(0, len(examples), t.batch_size):
+            batch = collate(examples[i:i + t.batch_size])
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = completion_loss(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                       batch["labels"].to(device))
+            total += float(loss) * n
+            count += n
+    model.train(was_training)
+    return round(total / count, 6) if count else None
 
 
 def peak_memory() -> dict:

@@ -19,17 +19,21 @@ from ftstudy import distributed, fastpath
 from ftstudy.atomic import atomic_dir, read_jsonl, write_json
 from ftstudy.batches import WIDTH_BUCKETS, Collator, packed_batches, tokenize_dataset
 from ftstudy.checkpoints import fingerprint, last_complete_checkpoint, truncate_curves
-from ftstudy.methods import MethodSpec, check_hardware, optimizer_kwargs
+from ftstudy.methods import MethodSpec, check_hardware, optimizer_kwargs, phases
 from ftstudy.models import causal_lm, device_kind, load_tokenizer
 from ftstudy.params import Params
 from ftstudy.prepare import count_parameters, prepare_model
-from ftstudy.trainer import completion_trainer_class, curve_callback, peak_memory, throughput_callback, total_steady
+from ftstudy.trainer import completion_trainer_class, curve_callback, peak_memory, throughput_callback, total_steady, validation_loss
 
 
 def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_dir: str | Path,
-          out_dir: str | Path, ckpt_dir: str | Path, live_dir: str | Path | None) -> dict:
+          out_dir: str | Path, ckpt_dir: str | Path, live_dir: str | Path | None,
+          val_path: str | Path | None = None) -> dict:
     """Train ``spec`` and write its adapter or model to ``out_dir`` atomically; return its metrics.
 
+    Examples are taken in the order of ``train_path`` (preprocess shuffled it once, seeded), so every method sees the
+    same stream; ``spec.skip_steps`` starts that many steps into it. ``val_path``'s rows give the trained model's
+    teacher-forced ``validation_loss``, what learning rates are chosen on.
     ``ckpt_dir`` survives an interrupted run (DVC ``persist``); a rerun with the same fingerprint
     resumes from its last checkpoint, a rerun with anything changed starts afresh. ``live_dir`` receives
     the loss and learning-rate curves (dvclive); None skips them (the GPU benchmark, where dvclive is absent).
@@ -58,15 +62,19 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     resumed_from = int(last.name.split("-")[-1]) if last else 0
     if last and main:
         print(f"resuming {spec.name} from {last} (step {resumed_from})")
-    if live_dir is not None and last:
-        truncate_curves(Path(live_dir), resumed_from)
+    # A run that continues another (the hybrid's second phase) appends to its curves, steps counted on from there.
+    step_offset = spec.skip_steps
+    if live_dir is not None and (last or step_offset):
+        truncate_curves(Path(live_dir), step_offset + resumed_from)
     elif live_dir is not None:
         shutil.rmtree(live_dir, ignore_errors=True)
 
     set_seed(params.seed)
     tokenizer = load_tokenizer(base_dir, padding_side="right")
     records = read_jsonl(train_path)
-    dataset = tokenize_dataset(tokenizer, records, t.max_seq_len, t.max_prompt_tokens)
+    # Rotated, not cut: epochs after the first go on cycling through the same stream a single method sees.
+    skip = (spec.skip_steps * t.batch_size * t.grad_accum * distributed.world_size()) % len(records)
+    dataset = tokenize_dataset(tokenizer, records[skip:] + records[:skip], t.max_seq_len, t.max_prompt_tokens)
     model, levers = prepare_model(spec, params, base_dir, models_dir)
     trainable, total = count_parameters(model)
     layer_cls = type(causal_lm(model).model.layers[0]).__name__
@@ -94,7 +102,8 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     collator = Collator(tokenizer.pad_token_id, pack=packed, row_len=t.max_seq_len,
                         width_buckets=WIDTH_BUCKETS if "compiled_layers" in levers else 0)
     trainer = completion_trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                      callbacks=[] if live_dir is None else [curve_callback(Path(live_dir), resume=last is not None)])
+                      callbacks=[] if live_dir is None else [curve_callback(Path(live_dir), resume=bool(last or step_offset),
+                                                                            step_offset=step_offset)])
     throughput = throughput_callback(trainer, compiled="compiled_layers" in levers, cuda_graphs="cuda_graphs" in levers,
                                       projection_gap=spec.galore.update_proj_gap if spec.galore else None)
     trainer.add_callback(throughput)
@@ -104,6 +113,9 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     seconds = time.perf_counter() - start
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    # Every worker takes part: under FSDP the forward gathers the sharded weights.
+    val_loss = (validation_loss(model, tokenizer, read_jsonl(val_path), t, Collator(tokenizer.pad_token_id))
+                if val_path is not None else None)
     devices = distributed.gather({"rank": distributed.rank(), "trained_tokens": trainer.tokens_trained,
                                   "tokens_per_s": round(trainer.tokens_trained / seconds, 2) if seconds else 0.0,
                                   **throughput.summary(),
@@ -150,6 +162,7 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
         "trainable_params": trainable,
         "total_params": total,
         "final_train_loss": round(float(losses[-1]), 6) if losses else math.nan,
+        "validation_loss": val_loss,
         "mean_train_loss": round(float(result.training_loss), 6),
         **{k: v for k, v in devices[0].items() if k.startswith("peak_")},  # the main worker's; all below
         "peak_memory_gb_total": round(sum(d["peak_memory_gb"] for d in devices), 3),
@@ -163,3 +176,33 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
             shutil.rmtree(ck)  # finished: the final model is in out_dir; keep the (small) stamp only
     distributed.barrier()
     return metrics
+
+
+def train_method(name: str, params: Params, *, data_dir: str | Path, models_dir: str | Path, ckpt_root: str | Path,
+                 live_dir: str | Path | None) -> dict | None:
+    """Train method ``name`` (its one run, or the hybrid's QLoRA phase and then its GaLore phase, one curve between
+    them) into ``models_dir/<run>``; return the metrics of the whole, None on workers other than the main one."""
+    data_dir, models_dir, ckpt_root = Path(data_dir), Path(models_dir), Path(ckpt_root)
+    runs = []
+    for spec in phases(params, name):
+        m = train(spec, params, train_path=data_dir / "train.jsonl", models_dir=models_dir,
+                  out_dir=models_dir / spec.name, ckpt_dir=ckpt_root / spec.name, live_dir=live_dir,
+                  val_path=data_dir / "val.jsonl" if spec.name == name else None)
+        if m is None:
+            return None
+        runs.append(m)
+    return runs[0] if len(runs) == 1 else combine_phases(runs)
+
+
+PHASE_KEYS = ("method", "optimizer", "steps", "train_seconds", "trained_tokens", "peak_memory_gb", "final_train_loss",
+              "trainable_params")
+
+
+def combine_phases(runs: list[dict]) -> dict:
+    """One method's metrics from its phases: the last phase's, with steps, tokens, time and peak memory of all."""
+    seconds = sum(r["train_seconds"] for r in runs)
+    tokens = sum(r["trained_tokens"] for r in runs)
+    return {**runs[-1], "steps": sum(r["steps"] for r in runs), "train_seconds": round(seconds, 2),
+            "trained_tokens": tokens, "tokens_per_s": round(tokens / seconds, 2) if seconds else 0.0,
+            "peak_memory_gb": max(r["peak_memory_gb"] for r in runs),
+            "phases": [{k: r[k] for k in PHASE_KEYS} for r in runs]}

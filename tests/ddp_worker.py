@@ -10,8 +10,8 @@ from ftstudy.training import train
 
 workdir, processes = Path(sys.argv[1]), int(sys.argv[2])
 params = default_params(train=dict(batch_size=4, max_seq_len=96, max_prompt_tokens=64, save_steps=100, warmup_steps=0,
-                                   num_processes=processes),
-                        train_lora_wide=dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, max_steps=4, learning_rate=1e-2,
+                                   num_processes=processes, max_steps=4),
+                        train_lora_wide=dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=1e-2,
                                              target_modules=["q_proj", "down_proj"]),
                         ui=dict(progress_bar=False))
 m = train(method_spec(params, "lora_wide"), params, train_path=workdir / "train.jsonl", models_dir=workdir / "models",

@@ -24,12 +24,28 @@ def test_fetch_and_preprocess_are_byte_identical(tmp_path, tiny_tokenizer):
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
 
 
+def test_validation_rows_come_from_the_training_pool_and_never_overlap_test_or_train(tmp_path, tiny_tokenizer):
+    import json
+
+    stats = _data(tmp_path, tiny_tokenizer)
+    split = {name: [json.loads(line) for line in (tmp_path / f"processed/{name}.jsonl").read_text().splitlines()]
+             for name in ("train", "val", "test")}
+    ids = {name: {r["id"] for r in rows} for name, rows in split.items()}
+    assert len(split["val"]) == stats["val_rows"] == 3 * 20  # val_per_source from conf/, three sources
+    assert not ids["val"] & ids["test"] and not ids["val"] & ids["train"] and not ids["train"] & ids["test"]
+    content = {name: {json.dumps([r["history"], r["instruction"], r["input"], r["response"]]) for r in rows}
+               for name, rows in split.items()}
+    assert not content["val"] & content["test"]
+    # Training takes examples in file order: the sources come interleaved, not one after another.
+    assert len({r["source"] for r in split["train"][:12]}) == 3
+
+
 def test_same_seed_same_training_metrics_on_cpu(tmp_path, tiny_model_dir, tiny_tokenizer):
     _data(tmp_path / "d", tiny_tokenizer)
     (tmp_path / "models").mkdir()
     (tmp_path / "models/base").symlink_to(tiny_model_dir)
-    params = default_params(train=dict(batch_size=4, max_seq_len=96, max_prompt_tokens=64, warmup_steps=0),
-                            train_qlora=dict(lora_r=4, lora_alpha=8, max_steps=3), ui=dict(progress_bar=False))
+    params = default_params(train=dict(batch_size=4, max_seq_len=96, max_prompt_tokens=64, warmup_steps=0, max_steps=3),
+                            train_qlora=dict(lora_r=4, lora_alpha=8), ui=dict(progress_bar=False))
     runs = []
     for i in range(2):
         m = train(method_spec(params, "qlora"), params, train_path=tmp_path / "d/processed/train.jsonl",
@@ -45,9 +61,10 @@ def test_asking_for_more_samples_than_clean_rows_names_the_fix(tmp_path):
     from ftstudy.errors import UserError
 
     p = default_params(data=dict(source="hub", pool_per_source=30, train_per_source=500, test_per_source=5)).data
-    raw = default_params(data=dict(pool_per_source=30, train_per_source=20, test_per_source=5)).data
+    raw = default_params(data=dict(pool_per_source=30, train_per_source=20, val_per_source=2, test_per_source=5)).data
     fetch_data(raw, 0, tmp_path / "raw")  # 30 rows per source, shaped like the hub's
-    with pytest.raises(UserError, match=r"data.train_per_source=500 but alpaca has only \d+ clean train rows.*"
-                                        r"lower data.train_per_source or raise data.pool_per_source"):
+    with pytest.raises(UserError, match=r"data.train_per_source \+ val_per_source=520 but alpaca has only \d+ clean "
+                                        r"train rows.*lower data.train_per_source \+ val_per_source or raise "
+                                        r"data.pool_per_source"):
         preprocess(p, 0, tmp_path / "raw", tmp_path / "processed")
     assert not (tmp_path / "processed").exists()

@@ -154,3 +154,18 @@ def test_a_missing_key_is_an_error_not_a_silent_default():
     with pytest.raises(ParamsError) as e:
         parse_params(raw)
     assert "train.max_seq_len: missing" in str(e.value) and "rerank.k: missing" in str(e.value)
+
+
+def test_a_budget_per_method_is_refused_with_the_shared_one_named():
+    """Equal budgets: a step count for one method alone would compare unequal budgets."""
+    with pytest.raises(ParamsError) as e:
+        parse_params(_params(train_galore__max_steps=10))
+    assert "train_galore.max_steps: unknown key" in str(e.value)
+    assert "one budget, train.max_steps" in str(e.value) and "unequal budgets" in str(e.value)
+
+
+def test_the_hybrid_split_must_leave_each_phase_a_step():
+    with pytest.raises(ParamsError, match=r"qlora_fraction: 0.01 of train.max_steps=16 gives the hybrid's QLoRA "
+                                          r"phase 0 steps"):
+        parse_params(_params(train_sequential_ensemble__qlora_fraction=0.01))
+    assert parse_params(_params(train_sequential_ensemble__qlora_fraction=0.25)).hybrid_steps == (4, 12)

@@ -28,12 +28,13 @@ def _stage_dir(tmp: Path, tiny_model_dir: Path) -> Path:
     (tmp / "models" / "base").symlink_to(tiny_model_dir)
     recs = list(convert_rows("alpaca", synthetic.generate("alpaca", "train", 200, 0), 10**6, "last_turn"))
     write_jsonl(tmp / "data/processed/train.jsonl", recs)
+    write_jsonl(tmp / "data/processed/val.jsonl", recs[:4])
     raw = to_dict(default_params())
-    raw["train"].update(batch_size=4, max_seq_len=96, max_prompt_tokens=64, save_steps=5, warmup_steps=0)
+    raw["train"].update(batch_size=4, max_seq_len=96, max_prompt_tokens=64, save_steps=5, warmup_steps=0, max_steps=STEPS)
     raw["ui"]["progress_bar"] = False
-    raw["train_lora_wide"].update(lora_r=4, lora_alpha=8, max_steps=STEPS, learning_rate=1e-3)
+    raw["train_lora_wide"].update(lora_r=4, lora_alpha=8, learning_rate=1e-3)
     # Projections recomputed every 4 steps, so the resumed run needs the saved ones and the moments alike.
-    raw["train_galore"].update(rank=4, update_proj_gap=4, max_steps=STEPS, learning_rate=1e-3)
+    raw["train_galore"].update(rank=4, update_proj_gap=4, learning_rate=1e-3)
     (tmp / "params.yaml").write_text(yaml.safe_dump(raw))
     return tmp
 

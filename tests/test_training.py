@@ -178,9 +178,11 @@ def test_gpu_kernels_forced_on_without_cuda_is_a_clear_error(monkeypatch):
     assert fastpath.speed_up(None, kernels="auto", compile="auto", cuda=False) == ["fused_linear_cross_entropy"]
 
 
-def _tiny_params(tiny_model_dir, **sections) -> Params:
-    train = dict(batch_size=4, max_seq_len=96, max_prompt_tokens=64, save_steps=2, warmup_steps=0)
-    return default_params(train=train, ui=dict(progress_bar=False), **sections)
+def _tiny_params(tiny_model_dir, steps: int, **sections) -> Params:
+    # Validated with at least 2 steps (the hybrid's two phases need one each); these tests train single methods.
+    train = dict(batch_size=4, max_seq_len=96, max_prompt_tokens=64, save_steps=2, warmup_steps=0, max_steps=max(steps, 2))
+    params = default_params(train=train, ui=dict(progress_bar=False), **sections)
+    return dataclasses.replace(params, train=dataclasses.replace(params.train, max_steps=steps))
 
 
 @pytest.fixture()
@@ -199,7 +201,7 @@ def _train(workdir, params, name):
 def test_lora_trains_the_adapter_and_leaves_the_base_alone(workdir, tiny_model_dir):
     from safetensors.torch import load_file
 
-    params = _tiny_params(tiny_model_dir, train_lora_wide=dict(lora_r=4, lora_alpha=8, max_steps=3,
+    params = _tiny_params(tiny_model_dir, 3, train_lora_wide=dict(lora_r=4, lora_alpha=8,
                                                                       learning_rate=1e-2, target_modules=["q_proj", "down_proj"]))
     # Rows longer than train.max_seq_len (96): each trains exactly 96 tokens, so the count is known.
     long = [{**r, "response": " ".join([r["response"]] * 40)} for r in _records(32)]
@@ -219,7 +221,7 @@ def test_lora_trains_the_adapter_and_leaves_the_base_alone(workdir, tiny_model_d
 def test_galore_trains_every_parameter(workdir, tiny_model_dir):
     from safetensors.torch import load_file
 
-    params = _tiny_params(tiny_model_dir, train_galore=dict(rank=4, max_steps=2, learning_rate=1e-3))
+    params = _tiny_params(tiny_model_dir, 2, train_galore=dict(rank=4, learning_rate=1e-3))
     m = _train(workdir, params, "galore")
     before = load_file(tiny_model_dir / "model.safetensors")
     after = load_file(workdir / "models/galore/model.safetensors")
@@ -232,13 +234,13 @@ def test_galore_trains_every_parameter(workdir, tiny_model_dir):
 def test_layerwise_galore_logs_its_measured_gradient_norm_and_says_it_is_unclipped(workdir, tiny_model_dir):
     """Layer-wise GaLore consumes each gradient in its hook, so the Trainer would log a norm of 0 and clip nothing;
     the logged norm is the one the optimizer measured, and the metrics say that no clipping took place."""
-    params = _tiny_params(tiny_model_dir, train_galore=dict(rank=4, max_steps=3, learning_rate=1e-3))
+    params = _tiny_params(tiny_model_dir, 3, train_galore=dict(rank=4, learning_rate=1e-3))
     m = _train(workdir, params, "galore")
     rows = (workdir / "live/galore/plots/metrics/train/grad_norm.tsv").read_text().splitlines()[1:]
     norms = [float(r.split("\t")[1]) for r in rows]
     assert len(norms) == 3 and all(0 < n < float("inf") for n in norms)
     assert m["gradient_clipping"] == "none (layer-wise optimizer)"
-    lora = _tiny_params(tiny_model_dir, train_lora_wide=dict(lora_r=4, lora_alpha=8, max_steps=1))
+    lora = _tiny_params(tiny_model_dir, 1, train_lora_wide=dict(lora_r=4, lora_alpha=8))
     assert _train(workdir, lora, "lora_wide")["gradient_clipping"] == "global L2 norm <= 1.0"
 
 
@@ -247,7 +249,7 @@ def test_layerwise_galore_follows_the_learning_rate_schedule(workdir, tiny_model
     layer-wise GaLore ignored the schedule and took that step at the peak rate (ftstudy.galore)."""
     from safetensors.torch import load_file
 
-    params = _tiny_params(tiny_model_dir, train_galore=dict(rank=4, max_steps=1, learning_rate=1e-2))
+    params = _tiny_params(tiny_model_dir, 1, train_galore=dict(rank=4, learning_rate=1e-2))
     params = dataclasses.replace(params, train=dataclasses.replace(params.train, warmup_steps=1))
     _train(workdir, params, "galore")
     before = load_file(tiny_model_dir / "model.safetensors")
@@ -260,7 +262,7 @@ def test_keep_activations_exempts_the_last_layers_from_checkpointing(tiny_model_
     from ftstudy.prepare import prepare_model
 
     for keep in (0, 1):
-        params = _tiny_params(tiny_model_dir)
+        params = _tiny_params(tiny_model_dir, 1)
         params = dataclasses.replace(params, train=dataclasses.replace(params.train, gradient_checkpointing=True,
                                                                        keep_activations=keep))
         model, _ = prepare_model(method_spec(params, "lora_wide"), params, tiny_model_dir, tiny_model_dir.parent)
@@ -333,9 +335,9 @@ def test_the_hybrids_checkpoints_are_tied_to_the_qlora_adapter_it_starts_from(tm
     from ftstudy.checkpoints import fingerprint
 
     (tmp_path / "models/base").mkdir(parents=True)
-    (tmp_path / "models/qlora").mkdir()
+    (tmp_path / "models/sequential_ensemble_qlora").mkdir()
     (tmp_path / "train.jsonl").write_text("{}\n")
-    adapter = tmp_path / "models/qlora/adapter_model.safetensors"
+    adapter = tmp_path / "models/sequential_ensemble_qlora/adapter_model.safetensors"
     spec = method_spec(default_params(), "sequential_ensemble")
     adapter.write_bytes(b"first adapter")
     before = fingerprint(spec, default_params(), tmp_path / "train.jsonl", tmp_path / "models")
@@ -376,3 +378,24 @@ def test_throughput_sets_apart_compiling_recording_and_projection_steps(monkeypa
     state.global_step += 1
     eager.on_step_end(None, state, None)
     assert [cost for _, _, _, cost in eager.steps] == ["first_step", None]
+
+
+def test_the_hybrid_splits_the_budget_and_sees_the_stream_a_single_method_sees(workdir, tiny_model_dir):
+    """Equal budgets: the hybrid's QLoRA phase and its GaLore phase together train train.max_steps on the same
+    examples a single method trains on (the second phase continues the stream where the first stopped)."""
+    from ftstudy.training import train_method
+
+    write_jsonl(workdir / "val.jsonl", _records(6, seed=1))
+    params = _tiny_params(tiny_model_dir, 4, train_qlora=dict(lora_r=4, lora_alpha=8),
+                          train_galore=dict(rank=4), train_sequential_ensemble=dict(rank=4, qlora_fraction=0.5))
+    kw = dict(data_dir=workdir, models_dir=workdir / "models", ckpt_root=workdir / "ck")
+    single = train_method("galore", params, live_dir=workdir / "live/galore", **kw)
+    hybrid = train_method("sequential_ensemble", params, live_dir=workdir / "live/hybrid", **kw)
+    assert [p["steps"] for p in hybrid["phases"]] == [2, 2] and hybrid["steps"] == single["steps"] == 4
+    assert [p["optimizer"] for p in hybrid["phases"]] == ["adamw_torch", "galore_adamw_layerwise"]
+    assert hybrid["trained_tokens"] == single["trained_tokens"]  # the same examples, not the first half twice
+    assert (workdir / "models/sequential_ensemble_qlora/adapter_model.safetensors").exists()
+    steps = [int(r.split("\t")[0]) for r in
+             (workdir / "live/hybrid/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]]
+    assert steps == [1, 2, 3, 4]  # one curve across both phases
+    assert 0 < hybrid["validation_loss"] < 20 and 0 < single["validation_loss"] < 20
