@@ -31,10 +31,10 @@ class ParamsError(ValueError):
     """params.yaml is invalid; the message lists every problem found."""
 
 
-def _spec(*, ge=None, le=None, gt=None, lt=None, choices=None, subset=None, doc=""):
+def _spec(*, ge=None, le=None, gt=None, lt=None, choices=None, subset=None, rates=False, doc=""):
     """A dataclass field carrying its validation rule, so the schema and its checks live side by side. No default:
     every value comes from params.yaml, whose defaults live in one place, conf/ (see :func:`default_params`)."""
-    meta = {"ge": ge, "le": le, "gt": gt, "lt": lt, "choices": choices, "subset": subset, "doc": doc}
+    meta = {"ge": ge, "le": le, "gt": gt, "lt": lt, "choices": choices, "subset": subset, "rates": rates, "doc": doc}
     return field(metadata=meta)
 
 
@@ -154,6 +154,17 @@ class HybridParams(GaloreParams):
                                                   "the rest, continuing the same stream of examples")
 
 
+@dataclass(frozen=True)
+class SweepParams:
+    """Learning rates tried per method (stage sweep@<method>), each at the training budget, scored by the
+    validation loss; the lowest is the rate to configure in the method's section (REPORT.md flags one that is not)."""
+
+    qlora: list = _spec(rates=True)
+    lora_wide: list = _spec(rates=True)
+    galore: list = _spec(rates=True)
+    sequential_ensemble: list = _spec(rates=True, doc="its GaLore phase's rate; the QLoRA phase keeps train_qlora's")
+
+
 MODELS = ("base", "qlora", "lora_wide", "galore", "sequential_ensemble")
 
 
@@ -202,6 +213,7 @@ class Params:
     train_lora_wide: LoraParams
     train_galore: GaloreParams
     train_sequential_ensemble: HybridParams
+    sweep: SweepParams
     evaluate: EvaluateParams
     rerank: RerankParams
     report: ReportParams
@@ -272,6 +284,13 @@ def _check_value(dotted: str, value: Any, tp, meta, problems: list[str]) -> bool
     if tp in (str, bool, list) and not isinstance(value, tp):
         problems.append(f"{dotted}: expected {_type_name(tp)}, got {value!r}")
         return False
+    if tp is list and meta.get("rates"):
+        rates = [_yaml_float(v) if isinstance(v, str) else v for v in value]
+        if (not rates or len(set(rates)) != len(rates)
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in rates)):
+            problems.append(f"{dotted}: expected a non-empty list of distinct learning rates in (0, 1], got {value!r}")
+            return False
+        return True
     if tp is list and meta.get("subset") is None and not all(isinstance(v, str) and v.strip() for v in value):
         problems.append(f"{dotted}: expected a list of non-empty strings, got {value!r}")
         return False

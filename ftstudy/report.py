@@ -76,6 +76,8 @@ def build_report(params: Params, root: str | Path = ".") -> tuple[str, dict]:
     boot = _bootstrap(params, root, models)
     out += _results(models, evals, boot)
     out += _methods_table(trained, budgets, evals)
+    sweeps = _sweeps(root, params)
+    out += _sweep_table(sweeps)
     out += ["### Per source", ""]
     sources = list(data["sources"])
     header = ["model"] + [f"{s} BLEU-4" for s in sources] + [f"{s} ROUGE-L" for s in sources]
@@ -85,7 +87,7 @@ def build_report(params: Params, root: str | Path = ".") -> tuple[str, dict]:
     out += _accuracy_tables(models, evals)
 
     out += _pairwise(models, boot)
-    out += _discussion(params, trained, budgets, models, evals, boot)
+    out += _discussion(params, trained, budgets, sweeps, models, evals, boot)
     out += _figures(root, models, evals, trained)
     out += _showcase(root, models)
     out += _samples(params, root, models)
@@ -179,7 +181,7 @@ def _significance_json(models: list[str], boot: PairedBootstrap) -> dict:
     return out
 
 
-def _discussion(params: Params, trained: dict, budgets: dict, models: list[str], evals: dict,
+def _discussion(params: Params, trained: dict, budgets: dict, sweeps: list[dict], models: list[str], evals: dict,
                 boot: PairedBootstrap) -> list[str]:
     """Sentences that state only what the numbers above show."""
     methods = [m for m in models if m != "base"]
@@ -195,6 +197,13 @@ def _discussion(params: Params, trained: dict, budgets: dict, models: list[str],
         b = next(iter(budgets.values()))
         out.append(f"- **Equal budgets**: every method trained {b['steps']} steps on the same {b['examples']:,} examples "
                    f"({b['tokens']:,} tokens), so the differences below are the methods', at this budget.")
+    off = [s for s in sweeps if not s["configured_is_best"]]
+    if off:
+        out.append("- **Learning rates not the validation-best**: " + ", ".join(
+            f"{s['method']} runs at {s['configured_learning_rate']:g}, its sweep's best is {s['best_learning_rate']:g}"
+            for s in off) + "; a gap between methods may be a learning rate's.")
+    elif sweeps:
+        out.append("- Every swept method runs at the learning rate with the lowest validation loss in its sweep.")
     ranked = sorted(methods, key=lambda m: boot.points[m]["rouge_l"], reverse=True)
     best = ranked[0]
     line = f"- **Best ROUGE-L: {best}** ({boot.points[best]['rouge_l']:.4f})"
@@ -256,6 +265,36 @@ def _showcase(root: Path, models: list[str]) -> list[str]:
         for m, rows in answers.items():
             out += [f"{m}:", _block(rows[i]["answer"]), ""]
     return out
+
+
+def _sweeps(root: Path, params: Params) -> list[dict]:
+    """Each sweep with the rate its method is configured with, and whether that is the sweep's best."""
+    order = {m: i for i, m in enumerate(MODEL_ORDER)}
+    found = [read_json(p) for p in (root / "metrics/sweep").glob("*.json")] if (root / "metrics/sweep").is_dir() else []
+    for s in found:
+        s["configured_learning_rate"] = getattr(params, f"train_{s['method']}").learning_rate
+        s["configured_is_best"] = s["configured_learning_rate"] == s["best_learning_rate"]
+    return sorted(found, key=lambda s: order.get(s["method"], len(order)))
+
+
+def _sweep_table(sweeps: list[dict]) -> list[str]:
+    """Validation loss of every learning rate tried, the lowest in bold and the configured one marked."""
+    if not sweeps:
+        return []
+    rows = []
+    for s in sweeps:
+        cells = []
+        for r in s["grid"]:
+            cell = f"{r['learning_rate']:g}: {r['validation_loss']:.4f}"
+            cell = f"**{cell}**" if r["learning_rate"] == s["best_learning_rate"] else cell
+            cells.append(cell + (" (configured)" if r["learning_rate"] == s["configured_learning_rate"] else ""))
+        rows.append([s["method"], "; ".join(cells), f"{s['best_learning_rate']:g}", f"{s['configured_learning_rate']:g}",
+                     f"{s['sweep_seconds'] / 60:.1f}"])
+    return ["### Learning rates chosen on validation data", "",
+            "Stage `sweep_<method>` trains each method at every rate of `sweep.<method>` on the same budget and "
+            "examples as above and scores the mean per-token loss of the validation split's responses "
+            "(teacher-forced; carved from the training pool, never the test set). Lowest in bold.", "",
+            _table(["method", "validation loss by learning rate", "best", "configured", "sweep training min"], rows), ""]
 
 
 def _budgets(trained: dict) -> dict[str, dict]:

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 FAKE_TOKEN = "hf_" + uuid.uuid4().hex  # made at run time: it can be in no file unless something leaked it
 METHODS = ["qlora", "lora_wide", "galore", "sequential_ensemble"]
 ALL_STAGES = {"validate_params", "fetch_model", "fetch_data", "preprocess", "evaluate_rerank", "report"} | {
-    f"train_{m}" for m in METHODS} | {f"evaluate@{m}" for m in ["base", *METHODS]}
+    f"train_{m}" for m in METHODS} | {f"sweep_{m}" for m in METHODS} | {f"evaluate@{m}" for m in ["base", *METHODS]}
 
 
 def _copy_repo(dst: Path) -> None:
@@ -128,6 +128,65 @@ def test_a_fresh_clone_pulls_every_output_from_the_default_remote_and_has_nothin
     assert _ran(_run(["dvc", "repro", "--dry"], clone, env).stdout) == []
 
 
+def test_a_one_param_change_shows_in_the_diffs_and_the_review_as_that_param_and_its_methods_metrics(micro_repo, tmp_path):
+    """The reviewer's view of a pull request that changes GaLore's learning rate: `dvc params diff` names that one
+    param, `dvc metrics diff` shows GaLore's metrics (and those of what consumes its model) and no other method's,
+    and scripts/review.sh puts both in Markdown."""
+    src, env, _ = micro_repo
+    repo = tmp_path / "repo"
+    shutil.copytree(src, repo, symlinks=True)
+
+    def commit(message):
+        _run(["git", "add", "-A"], repo, env)
+        _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message, "--allow-empty"], repo, env)
+        return _run(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
+
+    before = commit("run")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train_galore"]["learning_rate"] *= 3
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["dvc", "repro"], repo, env)
+    after = commit("galore lr x3")
+    changed_params = json.loads(_run(["dvc", "params", "diff", before, after, "--json"], repo, env).stdout)
+    assert list(changed_params) == ["params.yaml"] and list(changed_params["params.yaml"]) == ["train_galore.learning_rate"]
+    metrics = json.loads(_run(["dvc", "metrics", "diff", before, after, "--json"], repo, env).stdout)
+    changed = {path for path, diff in metrics.items() if diff}
+    assert "metrics/train/galore.json" in changed
+    assert changed <= {"metrics/train/galore.json", "metrics/eval/galore.json", "metrics/eval/rerank.json",
+                       "metrics/report.json"}, changed  # the scorer of the re-rank is GaLore
+    review = _run(["bash", "scripts/review.sh", before, str(tmp_path / "plots")], repo, env).stdout
+    assert "train_galore.learning_rate" in review and "metrics/train/galore.json" in review
+    assert "validation_loss" in review and "qlora.json" not in review and "lora_wide.json" not in review
+    assert (tmp_path / "plots/index.html").exists()
+
+
+def test_changing_the_budget_reruns_every_training_and_what_follows_but_not_the_data(micro_repo):
+    repo, env, _ = micro_repo
+    assert _dry_run_with(repo, env, "train", "max_steps", 2) == {"validate_params", *(f"train_{m}" for m in METHODS),
+                                                                 *(f"sweep_{m}" for m in METHODS),
+                                                                 *(f"evaluate@{m}" for m in METHODS),
+                                                                 "evaluate_rerank", "report"}
+
+
+def test_the_sweep_grid_reruns_its_sweep_only_and_the_chosen_rate_reruns_no_sweep(micro_repo):
+    """Changing a method's grid reruns its sweep and the report; setting its learning rate to the sweep's winner
+    retrains the method, not the sweep."""
+    repo, env, _ = micro_repo
+    good = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(good)
+    params["sweep"]["galore"] = params["sweep"]["galore"] + [3.0e-3]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        assert set(_ran(_run(["dvc", "repro", "--dry"], repo, env).stdout)) == {"validate_params", "sweep_galore"}
+    finally:
+        (repo / "params.yaml").write_text(good)
+    assert "sweep_galore" not in _dry_run_with(repo, env, "train_galore", "learning_rate", 1e-4)
+    sweep = json.loads((repo / "metrics/sweep/galore.json").read_text())
+    assert [r["learning_rate"] for r in sweep["grid"]] == params["sweep"]["galore"][:-1]
+    assert all(r["validation_loss"] > 0 for r in sweep["grid"])
+    assert sweep["best_learning_rate"] == min(sweep["grid"], key=lambda r: r["validation_loss"])["learning_rate"]
+
+
 def _dry_run_with(repo, env, section, key, delta) -> set[str]:
     """The stages `dvc repro` would run after changing one param, without running them.
 
@@ -160,11 +219,12 @@ def test_changing_an_eval_param_reruns_only_evaluate_and_report(micro_repo):
 def test_changing_a_qlora_param_reruns_only_qlora_and_what_consumes_it(micro_repo):
     repo, env, _ = micro_repo
     assert set(_dry_run_with(repo, env, "train_qlora", "lora_r", 4)) == {
-        "validate_params", "train_qlora", "train_sequential_ensemble", "evaluate@qlora",
+        "validate_params", "train_qlora", "train_sequential_ensemble", "sweep_qlora", "sweep_sequential_ensemble",
+        "evaluate@qlora",
         "evaluate@sequential_ensemble", "evaluate_rerank", "report"}
     trained = json.loads((repo / "metrics/train/qlora.json").read_text())
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    assert trained["optimizer"] == "adamw_torch" and trained["steps"] == params["train_qlora"]["max_steps"]
+    assert trained["optimizer"] == "adamw_torch" and trained["steps"] == params["train"]["max_steps"]
 
 
 def test_every_cached_output_is_stored_once(micro_repo):

@@ -1,0 +1,66 @@
+"""Learning rates chosen on validation data: each method trained at every rate of its grid, on the same budget and
+examples as the study's run, and scored by its teacher-forced loss on the validation split (never the test set)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from ftstudy.atomic import write_json
+from ftstudy.params import Params, to_dict
+from ftstudy.training import train_method
+
+RATE_KEYS = ("qlora", "lora_wide", "galore", "sequential_ensemble")  # the hybrid's grid is its GaLore phase's
+
+
+def with_rate(params: Params, method: str, rate: float) -> Params:
+    section = f"train_{method}"
+    return dataclasses.replace(params, **{section: dataclasses.replace(getattr(params, section), learning_rate=rate)})
+
+
+def sweep_method(method: str, params: Params, *, data_dir: str | Path, base_dir: str | Path,
+                 work_dir: str | Path) -> dict:
+    """Train ``method`` at each rate of ``sweep.<method>``; return the grid with each rate's validation loss.
+
+    A finished rate's result is kept in ``work_dir`` under its training fingerprint, so a killed sweep goes on
+    where it stopped; each run's own checkpoints make a killed rate resume too.
+    """
+    data_dir, work_dir = Path(data_dir), Path(work_dir)
+    models = work_dir / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    if not (models / "base").exists():
+        (models / "base").symlink_to(Path(base_dir).resolve())  # the study's base: read, never written
+    grid = []
+    for rate in getattr(params.sweep, method):
+        p = with_rate(params, method, rate)
+        done = work_dir / f"lr-{rate:g}-{_key(p, data_dir, base_dir)}.json"
+        if done.exists():
+            grid.append(json.loads(done.read_text()))
+            continue
+        m = train_method(method, p, data_dir=data_dir, models_dir=models, ckpt_root=work_dir / "checkpoints",
+                         live_dir=None)
+        row = {"learning_rate": rate, "validation_loss": m["validation_loss"],
+               "final_train_loss": m["final_train_loss"], "train_seconds": m["train_seconds"]}
+        write_json(done, row)
+        grid.append(row)
+    best = min(grid, key=lambda r: r["validation_loss"])
+    # The configured rate is not recorded here: it is not a param of the sweep (the report compares it).
+    result = {"method": method, "profile": params.profile, "budget_steps": params.train.max_steps,
+              "grid": grid, "best_learning_rate": best["learning_rate"],
+              "sweep_seconds": round(sum(r["train_seconds"] for r in grid), 2)}
+    shutil.rmtree(models, ignore_errors=True)  # the swept models are not kept; their losses are the result
+    for f in work_dir.glob("lr-*.json"):
+        f.unlink()  # done: the result is the stage's output; the journal only carries a killed sweep over
+    return result
+
+
+def _key(params: Params, data_dir: Path, base_dir: str | Path) -> str:
+    """What one rate's run depends on: every param but the cosmetic ones (the hybrid's QLoRA phase reads
+    train_qlora), the training and validation rows, and the base weights (fetch_info.json hashes every file)."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in to_dict(params).items() if k != "ui"}, sort_keys=True).encode())
+    for f in (data_dir / "train.jsonl", data_dir / "val.jsonl", Path(base_dir) / "fetch_info.json"):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
