@@ -287,7 +287,8 @@ def test_the_report_has_intervals_figures_showcase_and_plots(micro_repo):
     for text in ("95 % paired-bootstrap", "### Method vs method", "## What the numbers show",
                  "Explain quantum computing to a 10-year-old.", "| rerank |", "reports/training_loss.png",
                  "exact match (0-1) [95 % CI]", "### Exact match per source and task family", "| task family |",
-                 "budget: steps / examples / tokens", "(with qlora's)"):
+                 "budget: steps / examples / tokens", "(2 adamw_torch + 2 galore_adamw_layerwise)", "**Equal budgets**",
+                 "### Learning rates chosen on validation data", "validation loss by learning rate"):
         assert text in report
     accuracy = json.loads((repo / "metrics/eval/qlora.json").read_text())["accuracy"]  # generated data: answers
     assert set(accuracy["per_source"]) == {"alpaca", "tulu", "ultrachat"} and accuracy["overall"]["n"] > 0
