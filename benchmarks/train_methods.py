@@ -30,6 +30,7 @@ from ftstudy.atomic import write_json, write_jsonl  # noqa: E402
 from ftstudy.methods import METHODS  # noqa: E402
 from ftstudy.models import tiny_config, train_tiny_tokenizer  # noqa: E402
 from ftstudy.params import default_params  # noqa: E402
+from ftstudy.prompt import IGNORE_INDEX  # noqa: E402
 from ftstudy.sources import convert_rows  # noqa: E402
 from ftstudy.training import train_method  # noqa: E402
 
@@ -79,7 +80,7 @@ def _row_shape(base_dir: Path, train_path: Path, p) -> dict:
     rows = tokenize_dataset(load_tokenizer(base_dir), read_jsonl(train_path)[:256], p.train.max_seq_len,
                             p.train.max_prompt_tokens)
     lengths = [len(r["input_ids"]) for r in rows]
-    labelled = sum(sum(1 for x in r["labels"][1:] if x != -100) for r in rows)
+    labelled = sum(sum(1 for x in r["labels"][1:] if x != IGNORE_INDEX) for r in rows)
     return {"mean_tokens": round(sum(lengths) / len(lengths), 1), "min_tokens": min(lengths),
             "max_tokens": max(lengths), "labelled_fraction": round(labelled / sum(lengths), 3)}
 
