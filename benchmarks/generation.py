@@ -1,10 +1,14 @@
 """Evaluation throughput: the evaluate stage's generate() on a random-weight model, extrapolated to the study.
 
-    python benchmarks/generation.py --arch gemma-3-1b --prompts 1000 --batch-size 512 --out gen.json   # GPU
-    python benchmarks/generation.py --arch tiny --prompts 16 --max-new-tokens 8                      # CPU smoke
+    python benchmarks/generation.py --arch gemma-3-1b --prompts 6000 --batch-size 2000 --batch-tokens 400000 \
+        --tokenizer DIR --out gen.json                                                  # GPU, the study's settings
+    python benchmarks/generation.py --arch tiny --prompts 16 --max-new-tokens 8         # CPU smoke
 
-The prompts are the project's own instruction rows (the test split's templates, tokenized by a small BPE
-tokenizer whose ids are valid in any vocabulary). A random model almost never emits EOS, so every row
+Both decoders of ``generate()`` run on the same prompts in one process: ``hf`` (transformers' ``generate``)
+and ``ftstudy`` (``ftstudy.decode``); each row prints its speed-up over ``hf`` at the same batch size and the
+share of answers identical to ``hf``'s. The prompts are the project's own instruction rows (the test split's
+templates), tokenized by Gemma 3's tokenizer with ``--tokenizer`` (realistic lengths) or else by a small BPE
+tokenizer whose ids are valid in any vocabulary. A random model almost never emits EOS, so every row
 generates the full ``--max-new-tokens``: the worst case of the study's evaluation (6,000 prompts x 256).
 """
 
@@ -45,7 +49,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--max-prompt-tokens", type=int, default=768)
     parser.add_argument("--batch-size", type=int, nargs="+", default=[512])
     parser.add_argument("--batch-tokens", type=int, default=0, help="evaluate.batch_tokens (0 = no cap)")
-    parser.add_argument("--cache", nargs="+", default=["dynamic"], choices=["dynamic", "static"])
+    parser.add_argument("--decoder", nargs="+", default=["hf", "ftstudy"], choices=["hf", "ftstudy"])
+    parser.add_argument("--tokenizer", type=Path, help="a Gemma 3 tokenizer folder (default: a small BPE one)")
     parser.add_argument("--profile", action="store_true", help="print the kernels of one short batch")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -53,7 +58,12 @@ def main(argv=None) -> list[dict]:
 
     cuda = torch.cuda.is_available()
     t0 = time.perf_counter()
-    tokenizer = train_tiny_tokenizer(512, seed=0)
+    if args.tokenizer:
+        from ftstudy.models import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
+    else:
+        tokenizer = train_tiny_tokenizer(512, seed=0)
     tokenizer.padding_side = "left"
     torch.manual_seed(0)
     config = (Gemma3TextConfig(**GEMMA3_1B) if args.arch == "gemma-3-1b"
@@ -63,17 +73,19 @@ def main(argv=None) -> list[dict]:
     recs = records(args.prompts)
     print(f"setup {time.perf_counter() - t0:.1f}s", flush=True)
     results = []
-    for cache, bs in [(c, b) for c in args.cache for b in args.batch_size]:
+    answers: dict[tuple[str, int], list[str]] = {}
+    for bs, decoder in [(b, d) for b in args.batch_size for d in args.decoder]:
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        _, stats = generate(model, tokenizer, recs, max_new_tokens=args.max_new_tokens, batch_size=bs,
-                            max_prompt_tokens=args.max_prompt_tokens, progress=False, static_cache=cache == "static",
-                            batch_tokens=args.batch_tokens)
+        out, stats = generate(model, tokenizer, recs, max_new_tokens=args.max_new_tokens, batch_size=bs,
+                              max_prompt_tokens=args.max_prompt_tokens, progress=False, batch_tokens=args.batch_tokens,
+                              decoder="auto" if decoder == "ftstudy" else "hf")
+        answers[decoder, bs] = out
         seconds = time.perf_counter() - start
         rec = {"arch": args.arch, "device": torch.cuda.get_device_name() if cuda else "cpu", "prompts": len(recs),
-               "batch_size": bs, "batch_tokens": args.batch_tokens, "cache": cache,
+               "batch_size": bs, "batch_tokens": args.batch_tokens, "decoder": stats["decoder"],
                "max_new_tokens": args.max_new_tokens, "seconds": round(seconds, 2),
                "generated_tokens": stats["generated_tokens"],
                "generated_tokens_per_s": round(stats["generated_tokens"] / seconds, 1),
@@ -82,7 +94,15 @@ def main(argv=None) -> list[dict]:
         if cuda:
             rec["peak_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         results.append(rec)
+        for r in results:  # ours against transformers' at the same batch size, whichever ran first
+            if r["decoder"] == "ftstudy" and ("hf", r["batch_size"]) in answers:
+                base = next(b for b in results if b["batch_size"] == r["batch_size"] and b["decoder"] == "transformers")
+                ours, theirs = answers["ftstudy", r["batch_size"]], answers["hf", r["batch_size"]]
+                r["speedup_vs_hf"] = round(base["seconds"] / r["seconds"], 2)
+                r["same_answers_as_hf"] = round(sum(a == b for a, b in zip(ours, theirs, strict=True)) / len(ours), 4)
         print(json.dumps(rec), flush=True)
+        if args.out:  # after every row: a run cut short keeps what it measured
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -91,8 +111,10 @@ def main(argv=None) -> list[dict]:
                      max_prompt_tokens=args.max_prompt_tokens, progress=False)
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=70))
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"{'decoder':>12} {'batch':>6} {'tokens/s':>10} {'study min':>9} {'vs hf':>6} {'same':>6}")
+    for r in results:
+        print(f"{r['decoder']:>12} {r['batch_size']:>6} {r['generated_tokens_per_s']:>10,.0f} "
+              f"{r['extrapolated_study_minutes']:>9} {r.get('speedup_vs_hf', ''):>6} {r.get('same_answers_as_hf', ''):>6}")
     return results
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ftstudy import decode
 from ftstudy.prompt import clean_generation, tokenize_prompt
 
 
@@ -61,7 +62,7 @@ def _read_journal(journal: Path | None, fingerprint: str) -> dict[int, dict]:
 @torch.inference_mode()
 def generate(model, tokenizer, records: list[dict], *, max_new_tokens: int, batch_size: int,
              max_prompt_tokens: int, progress: bool = True, journal: str | Path | None = None,
-             fingerprint: str = "", static_cache: bool = False, batch_tokens: int = 0) -> tuple[list[str], dict]:
+             fingerprint: str = "", batch_tokens: int = 0, decoder: str = "auto") -> tuple[list[str], dict]:
     """Greedy completions for ``records`` (in input order) and generation statistics.
 
     Prompts are sorted by length before batching so a batch holds similar lengths and little padding;
@@ -71,16 +72,18 @@ def generate(model, tokenizer, records: list[dict], *, max_new_tokens: int, batc
     skips the batches already there, so an interrupted evaluation resumes instead of starting over.
     Batch boundaries do not depend on what is done, so a resumed run generates exactly what a full one would.
 
-    With ``static_cache`` every batch has the same shape (``batch_size`` rows, the last batch topped up with
-    copies; as many columns as the longest prompt) and a static KV cache, so transformers compiles the decoding step
-    once, with CUDA graphs, instead of launching every kernel of every layer from Python at each token.
+    ``decoder``: ``auto`` decodes with ``ftstudy.decode.greedy`` (a fixed-width cache, one CUDA graph per batch on a
+    GPU) where the model supports it and with transformers' ``generate`` otherwise; ``hf`` always uses the latter.
+    Both produce the same tokens (tests/test_generation.py).
     """
+    if decoder not in ("auto", "hf"):
+        raise ValueError(f"decoder must be 'auto' or 'hf', not {decoder!r}")
     encoded = [tokenize_prompt(tokenizer, r, max_prompt_tokens) for r in records]
     order = sorted(range(len(records)), key=lambda i: len(encoded[i]), reverse=True)
     outputs: list[str] = [""] * len(records)
     device = next(model.parameters()).device
     journal = Path(journal) if journal is not None else None
-    batches = plan_batches(order, [len(e) for e in encoded], batch_size, 0 if static_cache else batch_tokens)
+    batches = plan_batches(order, [len(e) for e in encoded], batch_size, batch_tokens)
     done = _read_journal(journal, fingerprint)
     # Keep whole batches only: a batch cut short by a kill is generated again as a whole.
     done = {i: done[i] for b in batches if all(j in done for j in b) for i in b}
@@ -94,20 +97,20 @@ def generate(model, tokenizer, records: list[dict], *, max_new_tokens: int, batc
     for i, e in done.items():
         outputs[i] = e["text"]
     todo = [b for b in batches if b[0] not in done]
-    width = max((len(e) for e in encoded), default=1)
+    own = decoder == "auto" and decode.supports(model)
     for batch in tqdm(todo, desc="generate", disable=not progress, unit="batch"):
         start = time.perf_counter()
-        seqs = [encoded[i] for i in batch]
-        if static_cache:
-            seqs += [seqs[-1]] * (batch_size - len(seqs))
-        ids, mask = left_pad(seqs, tokenizer.pad_token_id, width if static_cache else None)
-        out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            do_sample=False, top_p=None, top_k=None, temperature=None,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            cache_implementation="static" if static_cache else None,
-        )
-        gen = out[: len(batch), ids.shape[1]:].cpu()  # one transfer, not one sync per row
+        ids, mask = left_pad([encoded[i] for i in batch], tokenizer.pad_token_id)
+        ids, mask = ids.to(device), mask.to(device)
+        if own:
+            gen = decode.greedy(model, ids, mask, max_new_tokens, tokenizer.eos_token_id)
+        else:
+            gen = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                do_sample=False, top_p=None, top_k=None, temperature=None,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            )[:, ids.shape[1]:]
+        gen = gen.cpu()  # one transfer, not one sync per row
         entries = []
         for row, i in enumerate(batch):
             toks = gen[row]
@@ -123,5 +126,5 @@ def generate(model, tokenizer, records: list[dict], *, max_new_tokens: int, batc
                 fh.writelines(json.dumps({**e, "seconds": elapsed / len(entries)}) + "\n" for e in entries)
     stats = {"generate_seconds": round(seconds, 2), "generated_tokens": new_tokens,
              "generated_tokens_per_s": round(new_tokens / seconds, 2) if seconds else 0.0,
-             "resumed_items": len(done)}
+             "resumed_items": len(done), "decoder": "ftstudy" if own else "transformers"}
     return outputs, stats

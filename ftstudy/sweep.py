@@ -13,8 +13,6 @@ from ftstudy.atomic import write_json
 from ftstudy.params import Params, to_dict
 from ftstudy.training import train_method
 
-RATE_KEYS = ("qlora", "lora_wide", "galore", "sequential_ensemble")  # the hybrid's grid is its GaLore phase's
-
 
 def with_rate(params: Params, method: str, rate: float) -> Params:
     section = f"train_{method}"
@@ -25,8 +23,9 @@ def sweep_method(method: str, params: Params, *, data_dir: str | Path, base_dir:
                  work_dir: str | Path) -> dict:
     """Train ``method`` at each rate of ``sweep.<method>``; return the grid with each rate's validation loss.
 
-    A finished rate's result is kept in ``work_dir`` under its training fingerprint, so a killed sweep goes on
-    where it stopped; each run's own checkpoints make a killed rate resume too.
+    The hybrid's grid is its GaLore phase's rate. A finished rate's result is kept in ``work_dir`` under a key of
+    every param, the data and the base (``_key``), so a killed sweep goes on where it stopped; each run's own
+    checkpoints make a killed rate resume too.
     """
     data_dir, work_dir = Path(data_dir), Path(work_dir)
     models = work_dir / "models"

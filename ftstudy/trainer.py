@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.utils.data
 
 from ftstudy import galore
 from ftstudy.loss import completion_loss
@@ -46,8 +47,6 @@ def completion_trainer_class():
         def _get_train_sampler(self, train_dataset=None):
             # The stream in file order (preprocess shuffled it, seeded): every method sees the same examples in the
             # same order, and the hybrid's second phase can continue where its first stopped.
-            import torch.utils.data
-
             return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
 
         def create_optimizer(self, model=None):

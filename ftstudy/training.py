@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ftstudy import distributed, fastpath
-from ftstudy.atomic import atomic_dir, read_jsonl, write_json
+from ftstudy.atomic import atomic_dir, read_json, read_jsonl, write_json
 from ftstudy.batches import WIDTH_BUCKETS, Collator, packed_batches, tokenize_dataset
 from ftstudy.checkpoints import fingerprint, last_complete_checkpoint, truncate_curves
 from ftstudy.methods import MethodSpec, check_hardware, optimizer_kwargs, phases
@@ -132,6 +132,11 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if spec.lora is None:
             tokenizer.save_pretrained(tmp)
+        else:  # peft writes target_modules from a set, in an order that follows Python's hash seed: sort them,
+            # so the same training writes the same bytes (and DVC hash) in every process
+            config = read_json(tmp / "adapter_config.json")
+            if isinstance(config.get("target_modules"), list):
+                write_json(tmp / "adapter_config.json", {**config, "target_modules": sorted(config["target_modules"])})
         write_json(tmp / "training_config.json", {"spec": asdict(spec), "train": asdict(t), "seed": params.seed,
                                                   "profile": params.profile, "fingerprint": fp})
     metrics = {

@@ -4,13 +4,14 @@ import argparse
 
 from ftstudy.atomic import write_json
 from ftstudy.errors import run_stage
+from ftstudy.methods import METHODS
 from ftstudy.params import load_params
-from ftstudy.sweep import RATE_KEYS, sweep_method
+from ftstudy.sweep import sweep_method
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("method", choices=RATE_KEYS)
+    parser.add_argument("method", choices=METHODS)
     args = parser.parse_args()
     params = load_params()
     result = sweep_method(args.method, params, data_dir="data/processed", base_dir="models/base",

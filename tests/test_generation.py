@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from ftstudy import synthetic
 from ftstudy.generation import generate, plan_batches
 from ftstudy.sources import convert_rows
@@ -21,12 +23,34 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny_model, tiny_token
                          max_prompt_tokens=256, progress=False)
     assert batched == single
     assert stats["generated_tokens"] > 0
-    # Token-capped batches, and fixed shapes with a static cache (topped-up rows), answer the same.
+    # Token-capped batches answer the same.
     capped, _ = generate(tiny_model, tiny_tokenizer, recs, max_new_tokens=6, batch_size=6, batch_tokens=120,
                          max_prompt_tokens=256, progress=False)
-    static, _ = generate(tiny_model, tiny_tokenizer, recs, max_new_tokens=6, batch_size=4, static_cache=True,
-                         max_prompt_tokens=256, progress=False)
-    assert capped == single and static == single
+    assert capped == single
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_own_decoder_answers_exactly_as_transformers_generate(tiny_model, tiny_tokenizer, attention):
+    """ftstudy.decode (fixed-width cache, masks built from the padding) against transformers' generate: the same
+    tokens for left-padded batches of mixed lengths, with prompts and answers longer than the sliding window."""
+    from ftstudy.prompt import tokenize_prompt
+
+    recs = _recs(8) + list(convert_rows("alpaca", synthetic.generate("alpaca", "train", 8, 1), 10**6, "last_turn"))
+    lengths = [len(tokenize_prompt(tiny_tokenizer, r, 256)) for r in recs]
+    window = tiny_model.config.sliding_window
+    assert max(lengths) > window > min(lengths)  # the window cuts into some prompts, not all
+    saved = tiny_model.config._attn_implementation
+    tiny_model.config._attn_implementation = attention
+    try:
+        for n in (1, 2, window + 10):  # prefill only; one step; decoding past the window
+            ours, stats = generate(tiny_model, tiny_tokenizer, recs, max_new_tokens=n, batch_size=6,
+                                   max_prompt_tokens=256, progress=False)
+            theirs, ref = generate(tiny_model, tiny_tokenizer, recs, max_new_tokens=n, batch_size=6,
+                                   max_prompt_tokens=256, progress=False, decoder="hf")
+            assert (stats["decoder"], ref["decoder"]) == ("ftstudy", "transformers")
+            assert ours == theirs and stats["generated_tokens"] == ref["generated_tokens"]
+    finally:
+        tiny_model.config._attn_implementation = saved
 
 
 def test_long_prompts_get_smaller_batches_under_a_token_cap():

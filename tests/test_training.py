@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -216,6 +217,9 @@ def test_lora_trains_the_adapter_and_leaves_the_base_alone(workdir, tiny_model_d
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert m["steps"] == 3 and 0 < m["trainable_params"] < m["total_params"]
     assert (workdir / "live/lora_wide/plots/metrics/train/loss.tsv").read_text().count("\n") == 4
+    # Sorted, not in peft's set order (which follows the hash seed): equal trainings, equal files and DVC hashes.
+    config = json.loads((workdir / "models/lora_wide/adapter_config.json").read_text())
+    assert config["target_modules"] == ["down_proj", "q_proj"]
 
 
 def test_galore_trains_every_parameter(workdir, tiny_model_dir):
