@@ -3,7 +3,7 @@
     python scripts/gpu_wheels.py --have image_packages.txt --out .whl            # Python 3.12, x86-64 Linux
 
 Takes the dependency closure of what the stages import beyond the image (dvc, dvclive, rouge-score, hydra,
-bitsandbytes, galore-torch, liger-kernel) at the versions installed here, drops every package named in
+bitsandbytes, galore-torch, liger-kernel, transformers) at the versions installed here, drops every package named in
 ``--have`` (one name a line: what the target image already holds), and fetches the rest for the target: a
 binary wheel where PyPI has one, else a wheel built here from the source distribution (pure-Python packages
 such as rouge-score publish none). Prints the total size, and the install command to run there.
@@ -25,7 +25,11 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
-ROOTS = ["dvc", "dvclive", "rouge-score", "hydra-core", "bitsandbytes", "galore-torch"]
+ROOTS = ["dvc", "dvclive", "rouge-score", "hydra-core", "bitsandbytes", "galore-torch", "transformers"]
+# Carried at this machine's version whenever the image's differs (a name without a version in --have counts as
+# different): an older transformers decodes grouped-query attention by copying keys and values per head, where
+# ftstudy.decode relies on recent releases' single-query packing; tokenizers moves with it.
+PINNED = {"transformers", "tokenizers"}
 GPU_ONLY = {"liger-kernel": "0.8.5"}  # the `gpu` extra, not installed on a CPU machine (its needs: torch, triton)
 TARGET = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
           "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython",
@@ -38,12 +42,13 @@ def norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def closure(roots: list[str], have: set[str]) -> dict[str, str]:
-    """name -> installed version for ``roots`` and what they require on the target, less ``have``."""
+def closure(roots: list[str], have: dict[str, str | None]) -> dict[str, str]:
+    """name -> installed version for ``roots`` and what they require on the target, less what ``have`` (name ->
+    version or None) holds; a ``PINNED`` package only where its version there is this machine's."""
     found, todo = {norm(k): v for k, v in GPU_ONLY.items() if norm(k) not in have}, list(roots)
     while todo:
         name = norm(todo.pop())
-        if name in found or name in have:
+        if name in found or (name in have and (name not in PINNED or have[name] == md.version(name))):
             continue
         dist = md.distribution(name)
         found[name] = dist.version
@@ -84,11 +89,13 @@ def keep_one_cuda(wheel: Path, cuda: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--have", type=Path, required=True, help="packages the target already has, one a line")
+    parser.add_argument("--have", type=Path, required=True, help="packages the target already has, one a line "
+                        "(`name` or `name==version`, e.g. its pip freeze)")
     parser.add_argument("--out", type=Path, default=Path(".whl"))
     parser.add_argument("--cuda", help="keep only this CUDA version's bitsandbytes library (e.g. 130 for CUDA 13.0)")
     args = parser.parse_args()
-    have = {norm(line.split("==")[0].strip()) for line in args.have.read_text().splitlines() if line.strip()}
+    have = {norm(name.strip()): (version.strip() or None)
+            for name, _, version in (line.partition("==") for line in args.have.read_text().splitlines() if line.strip())}
     args.out.mkdir(parents=True, exist_ok=True)
     for name, version in sorted(closure(ROOTS, have).items()):
         print(f"{name}=={version}: {fetch(name, version, args.out)}", flush=True)
