@@ -17,7 +17,8 @@ import torch
 from ftstudy.atomic import read_jsonl, sha256_file, write_json, write_jsonl
 from ftstudy.data import task_families
 from ftstudy.generation import generate
-from ftstudy.metrics import accuracy_by, exact_match, score_by_source
+from ftstudy.heldout import read_test_sets, reference_losses
+from ftstudy.metrics import accuracy_by, exact_match, rouge_l_items, score_by_source, summarize
 from ftstudy.models import compute_dtype, device_kind, load_model, load_tokenizer, merged_model
 from ftstudy.params import Params
 
@@ -44,7 +45,8 @@ def _showcase(model, tokenizer, params: Params) -> list[dict]:
 
 
 def write_results(name: str, records: list[dict], predictions: list[str], extra: dict, params: Params,
-                  predictions_path: str | Path, metrics_path: str | Path, extra_rows: list[dict] | None = None) -> dict:
+                  predictions_path: str | Path, metrics_path: str | Path, extra_rows: list[dict] | None = None,
+                  extra_metrics: dict | None = None) -> dict:
     rows = [{"id": r["id"], "source": r["source"], "prediction": pred, "reference": r["response"]}
             for r, pred in zip(records, predictions, strict=True)]
     scores = score_by_source(rows)
@@ -62,16 +64,42 @@ def write_results(name: str, records: list[dict], predictions: list[str], extra:
     metrics = {"model": name, "profile": params.profile, **scores,
                "generation": {**extra, "max_new_tokens": params.evaluate.max_new_tokens,
                               "batch_size": params.evaluate.batch_size, "device": device,
-                              "torch": torch.__version__, "python": platform.python_version()}}
+                              "torch": torch.__version__, "python": platform.python_version()},
+               **(extra_metrics or {})}
     write_jsonl(predictions_path, rows)
     write_json(metrics_path, metrics)
     return metrics
 
 
+def _extra_sets(name: str, model, tokenizer, sets: dict[str, list[dict]], params: Params, out_dir: Path,
+                progress: bool) -> dict:
+    """Each out-of-distribution set answered (BLEU-4, ROUGE-L) and its references scored by teacher forcing; the
+    rows go to ``out_dir/<set>.jsonl`` for the report's paired intervals."""
+    p, results = params.evaluate, {}
+    for set_name, records in sets.items():
+        predictions, stats = generate(model, tokenizer, records, max_new_tokens=p.max_new_tokens,
+                                      batch_size=p.batch_size, max_prompt_tokens=p.max_prompt_tokens,
+                                      progress=progress, batch_tokens=p.batch_tokens)
+        references = [r["response"] for r in records]
+        losses = reference_losses(model, tokenizer, records, max_prompt_tokens=p.max_prompt_tokens,
+                                  max_response_tokens=params.train.max_seq_len, batch_size=p.batch_size)
+        rouge = rouge_l_items(predictions, references)
+        write_jsonl(out_dir / f"{set_name}.jsonl", [
+            {"id": r["id"], "prediction": pred, "reference": r["response"], "rouge_l_f1": round(rl, 6),
+             "reference_loss": round(loss, 6)}
+            for r, pred, rl, loss in zip(records, predictions, rouge, losses, strict=True)])
+        results[set_name] = {**summarize(predictions, references, rouge),
+                             "mean_reference_loss": round(sum(losses) / len(losses), 6),
+                             "generate_seconds": stats["generate_seconds"]}
+    return results
+
+
 def evaluate(name: str, model_dir: str | Path, base_dir: str | Path, test_path: str | Path, params: Params,
              predictions_path: str | Path, metrics_path: str | Path, showcase_path: str | Path,
-             progress: bool = True) -> dict:
+             progress: bool = True, extra_dir: str | Path | None = None) -> dict:
+    """``extra_dir``: where the rows of ``evaluate.extra_test_sets`` go (one file per set)."""
     p = params.evaluate
+    sets = read_test_sets(p.extra_test_sets)  # checked before a model is loaded
     records = read_jsonl(test_path)
     tokenizer = load_tokenizer(base_dir)
     model = load_for_eval(model_dir, base_dir)
@@ -82,7 +110,12 @@ def evaluate(name: str, model_dir: str | Path, base_dir: str | Path, test_path: 
         fingerprint=eval_fingerprint(model_dir, base_dir, test_path, p), batch_tokens=p.batch_tokens,
     )
     write_jsonl(showcase_path, _showcase(model, tokenizer, params))
-    metrics = write_results(name, records, predictions, gen_stats, params, predictions_path, metrics_path)
+    extra = {}
+    if sets:
+        extra_dir = Path(extra_dir if extra_dir is not None else Path(predictions_path).parent / "extra" / name)
+        extra = {"extra_test_sets": _extra_sets(name, model, tokenizer, sets, params, extra_dir, progress)}
+    metrics = write_results(name, records, predictions, gen_stats, params, predictions_path, metrics_path,
+                            extra_metrics=extra)
     journal.unlink()
     return metrics
 

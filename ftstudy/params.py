@@ -175,6 +175,8 @@ class EvaluateParams:
     batch_tokens: int = _spec(ge=0, doc="cap on rows x prompt width per generation batch; 0 = no cap")
     max_prompt_tokens: int = _spec(ge=8)
     showcase_prompts: list = _spec(doc="the seeds' three showcase prompts, asked of every model")
+    extra_test_sets: list = _spec(doc="JSONL files under data/heldout/ outside the training distribution, each "
+                                      "answered and scored by every model (ftstudy.heldout)")
 
 
 @dataclass(frozen=True)
@@ -326,6 +328,14 @@ def _check_value(dotted: str, value: Any, tp, meta, problems: list[str]) -> bool
 
 def _cross_checks(p: Params, problems: list[str]) -> None:
     d = p.data
+    sets = [Path(x) for x in p.evaluate.extra_test_sets]
+    outside = [str(x) for x in sets if x.parent != Path("data/heldout") or x.suffix != ".jsonl"]
+    if outside:
+        problems.append(f"evaluate.extra_test_sets: {outside} are not .jsonl files directly in data/heldout/, the "
+                        "folder every evaluation depends on; allowed: data/heldout/<name>.jsonl (move the file there)")
+    if len({x.stem for x in sets}) != len(sets):
+        problems.append(f"evaluate.extra_test_sets: {[str(x) for x in sets]} repeat a file name; each set is named "
+                        "by its file name, so give each a different one")
     if d.source == "synthetic" and d.train_per_source + d.val_per_source + d.test_per_source > d.pool_per_source:
         problems.append(
             f"data.train_per_source + data.val_per_source + data.test_per_source: {d.train_per_source} + "

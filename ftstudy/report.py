@@ -85,13 +85,18 @@ def build_report(params: Params, root: str | Path = ".") -> tuple[str, dict]:
             + [f"{evals[m]['per_source'][s]['rouge_l_f1_0_1']:.4f}" for s in sources] for m in models]
     out += [_table(header, rows), ""]
     out += _accuracy_tables(models, evals)
+    heldout, forgetting = _heldout(params, root, models, boot)
+    out += heldout
 
     out += _pairwise(models, boot)
     out += _discussion(params, trained, budgets, sweeps, models, evals, boot)
     out += _figures(root, models, evals, trained)
     out += _showcase(root, models)
     out += _samples(params, root, models)
-    return "\n".join(out).rstrip() + "\n", _significance_json(models, boot)
+    significance = _significance_json(models, boot)
+    if forgetting:
+        significance["extra_test_sets"] = forgetting
+    return "\n".join(out).rstrip() + "\n", significance
 
 
 def _bootstrap(params: Params, root: Path, models: list[str]) -> PairedBootstrap:
@@ -156,6 +161,56 @@ def _accuracy_tables(models: list[str], evals: dict) -> list[str]:
                 for g in groups]
         out += [_table([label, "n"] + models, rows), ""]
     return out
+
+
+def _heldout(params: Params, root: Path, models: list[str], boot: PairedBootstrap) -> tuple[list[str], dict]:
+    """Per out-of-distribution set: every model's reference loss and answers with intervals, then each method's
+    in-domain gain next to its change there (a higher reference loss than the base's: forgetting)."""
+    out, json_out = [], {}
+    pct = round(boot.confidence * 100)
+    for path in params.evaluate.extra_test_sets:
+        name = Path(path).stem
+        have = [m for m in models if (root / f"data/predictions/extra/{m}/{name}.jsonl").exists()]
+        if not have:
+            continue
+        rows = {m: read_jsonl(root / f"data/predictions/extra/{m}/{name}.jsonl") for m in have}
+        ids = [r["id"] for r in rows[have[0]]]
+        ood = PairedBootstrap([r["reference"] for r in rows[have[0]]], params.report.bootstrap_resamples,
+                              params.seed, params.report.confidence)
+        for m in have:
+            by_id = {r["id"]: r for r in rows[m]}
+            ordered = [by_id[i] for i in ids]  # the same items in the same order: the pairing
+            ood.add(m, [r["prediction"] for r in ordered], [r["rouge_l_f1"] for r in ordered],
+                    means={"loss": [r["reference_loss"] for r in ordered]})
+        with_base = "base" in have
+        table = []
+        for m in have:
+            row = [m, _ci(ood.interval(m, "loss"), "{:.3f}"), _ci(ood.interval(m, "rouge_l"), "{:.4f}"),
+                   _ci(ood.interval(m, "bleu4"), "{:.2f}")]
+            if with_base:
+                row += ["-" if m == "base" else _diff(ood.difference(m, "base", k), f)
+                        for k, f in (("loss", "{:.3f}"), ("rouge_l", "{:.4f}"))]
+            table.append(row)
+        header = ["model", f"reference loss [{pct} % CI]", f"ROUGE-L F1 [{pct} % CI]", f"BLEU-4 [{pct} % CI]"]
+        header += ["loss vs base", "ROUGE-L vs base"] if with_base else []
+        out += [f"## Outside the training distribution: `{name}`", "",
+                f"{len(ids)} items from `{path}`, kept out of training. Reference loss: the mean per-token "
+                "negative log-likelihood of the reference answer given the prompt (teacher-forced, so decoding "
+                "plays no part; lower is better); the answers are generated as for the main test set. Differences "
+                "are paired over the same items; `*`: the interval excludes 0.", "", _table(header, table), ""]
+        json_out[name] = {m: {k: ood.interval(m, k).as_dict() for k in ("loss", "rouge_l", "bleu4")} for m in have}
+        methods = [m for m in have if m != "base"]
+        if with_base and "base" in models and methods:
+            gain = [[m, _diff(boot.difference(m, "base", "rouge_l"), "{:.4f}"),
+                     _diff(ood.difference(m, "base", "rouge_l"), "{:.4f}"),
+                     _diff(ood.difference(m, "base", "loss"), "{:.3f}")] for m in methods if m in models]
+            out += [f"### In-domain gain next to the change on `{name}`", "",
+                    "Each method against the base model: its ROUGE-L gain on the main test set, and on this set its "
+                    "ROUGE-L change and reference-loss change (a positive loss change: the method finds answers "
+                    "outside its training distribution less likely than before it was fine-tuned, i.e. it forgot).",
+                    "", _table(["method", "in-domain ROUGE-L vs base", f"`{name}` ROUGE-L vs base",
+                                f"`{name}` reference loss vs base"], gain), ""]
+    return out, json_out
 
 
 def _pairwise(models: list[str], boot: PairedBootstrap) -> list[str]:

@@ -62,13 +62,14 @@ class PairedBootstrap:
         self.draws: dict[str, dict[str, np.ndarray]] = {}
 
     def add(self, name: str, predictions: list[str], rouge_items: list[float],
-            exact_items: list[int] | None = None) -> None:
-        """``exact_items``: 1/0 per item where references are exactly right (generated data), else None."""
+            exact_items: list[int] | None = None, means: dict[str, list[float]] | None = None) -> None:
+        """``exact_items``: 1/0 per item where references are exactly right (generated data), else None;
+        ``means``: further per-item values whose mean is a metric (e.g. the reference loss)."""
         stats = bleu_sentence_stats(predictions, self.references)
         sums = stats[self.idx].sum(axis=1)  # (resamples, 10)
         self.points[name] = {"bleu4": bleu_from_stats(stats.sum(0))}
         self.draws[name] = {"bleu4": np.array([bleu_from_stats(s) for s in sums])}
-        for metric, items in (("rouge_l", rouge_items), ("exact_match", exact_items)):
+        for metric, items in (("rouge_l", rouge_items), ("exact_match", exact_items), *(means or {}).items()):
             if items is not None:  # a mean over items: resampled items, resampled mean
                 values = np.asarray(items, dtype=np.float64)
                 self.points[name][metric] = float(values.mean())
@@ -76,7 +77,8 @@ class PairedBootstrap:
 
     def metrics(self) -> list[str]:
         """The metrics every system has."""
-        return [k for k in ("bleu4", "rouge_l", "exact_match") if all(k in p for p in self.points.values())]
+        first = next(iter(self.points.values()), {})
+        return [k for k in first if all(k in p for p in self.points.values())]
 
     def interval(self, name: str, metric: str) -> Interval:
         return _interval(self.points[name][metric], self.draws[name][metric], self.confidence)

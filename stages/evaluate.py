@@ -1,4 +1,5 @@
-"""Stage evaluate@<model>: greedy generations on the test set, BLEU-4 and ROUGE-L overall and per source."""
+"""Stage evaluate@<model>: greedy generations on the test set, BLEU-4 and ROUGE-L overall and per source; the same
+for each of evaluate.extra_test_sets, with the teacher-forced loss of their references."""
 
 import argparse
 
@@ -17,6 +18,9 @@ def main() -> None:
                  f"data/showcase/{args.model}.jsonl", progress=params.ui.progress_bar)
     o = m["overall"]
     print(f"{args.model}: BLEU-4 {o['bleu4_corpus_0_100']:.2f} (0-100), ROUGE-L F1 {o['rouge_l_f1_0_1']:.4f} (0-1)")
+    for name, e in m.get("extra_test_sets", {}).items():
+        print(f"  {name} (outside the training distribution): reference loss {e['mean_reference_loss']:.4f}, "
+              f"ROUGE-L F1 {e['rouge_l_f1_0_1']:.4f}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def _copy_repo(dst: Path) -> None:
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            check=True, capture_output=True, text=True).stdout.split()
     for rel in files:
-        if rel.startswith(SKIP) or not (ROOT / rel).is_file():
+        if (rel.startswith(SKIP) and not rel.startswith("data/heldout/")) or not (ROOT / rel).is_file():
             continue
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, dst / rel)
@@ -188,19 +188,24 @@ def test_the_sweep_grid_reruns_its_sweep_only_and_the_chosen_rate_reruns_no_swee
 
 
 def _dry_run_with(repo, env, section, key, delta) -> set[str]:
-    """The stages `dvc repro` would run after changing one param, without running them.
+    """The stages `dvc repro` would run after changing one param, without running them."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params[section][key] += delta
+    return _dry_run_after(repo, env, "params.yaml", yaml.safe_dump(params, sort_keys=False))
+
+
+def _dry_run_after(repo, env, rel: str, text: str) -> set[str]:
+    """The stages `dvc repro` would run with ``rel`` holding ``text``, without running them (``rel`` is restored).
 
     ``dvc repro --dry`` lists the stages whose own deps or params changed; everything downstream of those
     in the DAG reruns too once their outputs change.
     """
-    good = (repo / "params.yaml").read_text()
-    params = yaml.safe_load(good)
-    params[section][key] += delta
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    good = (repo / rel).read_text()
+    (repo / rel).write_text(text)
     try:
         direct = set(_ran(_run(["dvc", "repro", "--dry"], repo, env).stdout))
     finally:
-        (repo / "params.yaml").write_text(good)
+        (repo / rel).write_text(good)
     edges = _dag_edges(_run(["dvc", "dag", "--md"], repo, env).stdout)
     affected = set(direct - {"validate_params"})  # its stamp never changes, so it reruns nothing by itself
     while True:
@@ -214,6 +219,23 @@ def test_changing_an_eval_param_reruns_only_evaluate_and_report(micro_repo):
     repo, env, _ = micro_repo
     expected = {"validate_params", "evaluate_rerank", "report"} | {f"evaluate@{m}" for m in ["base", *METHODS]}
     assert set(_dry_run_with(repo, env, "evaluate", "max_new_tokens", 1)) == expected
+
+
+def test_editing_an_extra_test_set_reruns_only_the_evaluations_and_report(micro_repo):
+    """The out-of-distribution sets are a dependency of the evaluations, not of training or the re-rank; the
+    evaluations wrote their rows and the report shows the forgetting table."""
+    repo, env, _ = micro_repo
+    rel = "data/heldout/open_instructions.jsonl"
+    text = (repo / rel).read_text() + json.dumps({"instruction": "Name a colour.", "input": "", "response": "Red."}) + "\n"
+    assert _dry_run_after(repo, env, rel, text) == {f"evaluate@{m}" for m in ["base", *METHODS]} | {"report"}
+    n = len((repo / rel).read_text().splitlines())
+    extra = json.loads((repo / "metrics/eval/galore.json").read_text())["extra_test_sets"]["open_instructions"]
+    assert extra["n"] == n and extra["mean_reference_loss"] > 0
+    rows = (repo / "data/predictions/extra/base/open_instructions.jsonl").read_text().splitlines()
+    assert len(rows) == n and "reference_loss" in json.loads(rows[0])
+    report = (repo / "REPORT.md").read_text()
+    assert "## Outside the training distribution: `open_instructions`" in report
+    assert "### In-domain gain next to the change on `open_instructions`" in report
 
 
 def test_changing_a_qlora_param_reruns_only_qlora_and_what_consumes_it(micro_repo):
