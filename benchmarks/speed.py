@@ -64,6 +64,40 @@ def make_batches(n: int, batch: int, seq_len: int, vocab: int, prompt_frac: floa
     return out
 
 
+# Dense bf16 tensor-core peak by the datasheet (no sparsity), FLOP/s; MFU divides by it.
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12}
+
+
+def flops_per_token(arch: dict, seq_len: int, labelled: float, *, full: bool, lora_r: int = 0,
+                    lora_modules: tuple[str, ...] = (), recompute: bool = True) -> float:
+    """Model FLOPs one training token costs (2 per multiply-add), as both variants must compute them.
+
+    Per decoder layer, a weight matmul costs 2 x its weights forward, as much again for the input gradient,
+    and as much again for the weight gradient where the weight trains (``full``: every weight; else only LoRA's
+    A and B, r x (in + out) per adapted module, which also run in the forward). Causal attention: QK^T and AV,
+    2 x heads x head_dim x the mean context (seq_len + 1) / 2 each, twice that backward. Checkpointing
+    (``recompute``) runs each layer's forward once more. The head (d x vocab) runs only at labelled positions
+    (``labelled`` of the tokens): forward, input gradient, and its weight gradient where it trains (tied to the
+    embedding, so with ``full``). The quantized base's dequantization and elementwise work are not counted.
+    """
+    d, f, layers = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
+    q, kv = arch["num_attention_heads"] * arch["head_dim"], arch["num_key_value_heads"] * arch["head_dim"]
+    shapes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+              "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+    base = sum(i * o for i, o in shapes.values())
+    lora = sum(lora_r * (shapes[m][0] + shapes[m][1]) for m in lora_modules)
+    forward = 2 * (base + lora) + 2 * 2 * q * (seq_len + 1) / 2
+    backward = 2 * (base + lora) + 2 * (2 * 2 * q * (seq_len + 1) / 2) + 2 * (base if full else lora)
+    layer = forward * (2 if recompute else 1) + backward
+    head = 2 * d * arch["vocab_size"] * labelled * (3 if full else 2)
+    return layers * layer + head
+
+
+def mfu(tokens_per_s: float, flops: float, device: str) -> float | None:
+    peak = next((v for k, v in PEAK_BF16.items() if k in device), None)
+    return round(tokens_per_s * flops / peak, 4) if peak else None
+
+
 def bench_params(variant: str, cuda: bool, keep_activations: int = 0) -> Params:
     p = dataclasses.replace(default_params(), profile="benchmark")
     ours = variant != "baseline"
@@ -298,6 +332,13 @@ def main(argv=None) -> list[dict]:
                            steady_peak_allocated_gb=ours["steady_peak_allocated_gb"],
                            baseline_peak_reserved_gb=base["peak_reserved_gb"], peak_reserved_gb=ours["peak_reserved_gb"],
                            memory_ratio=round(ours["peak_allocated_gb"] / base["peak_allocated_gb"], 3))
+            p = bench_params("project", cuda)
+            lora = {"qlora": p.train_qlora, "lora_wide": p.train_lora_wide}.get(method)
+            flops = flops_per_token(arch, args.seq_len, 1 - args.prompt_frac, full=lora is None,
+                                    lora_r=lora.lora_r if lora else 0,
+                                    lora_modules=tuple(lora.target_modules) if lora else ())
+            rec.update(model_flops_per_token=round(flops), mfu=mfu(ours["tokens_per_s"], flops, rec["device"]),
+                       baseline_mfu=mfu(base["tokens_per_s"], flops, rec["device"]))
             if args.trl:
                 t = got["trl"]
                 rec.update(trl_tokens_per_s=t["tokens_per_s"], trl_loss=t["loss"], trl_losses=t["losses"],
@@ -309,11 +350,12 @@ def main(argv=None) -> list[dict]:
             records.append(rec)
             print(json.dumps({k: v for k, v in rec.items() if "losses" not in k}), flush=True)
     print(f"\n{'method':10} {'base tok/s':>11} {'ours tok/s':>11} {'speedup':>8} {'base GB':>8} {'ours GB':>8} "
-          f"{'mem ratio':>9} {'base loss':>10} {'ours loss':>10}")
+          f"{'mem ratio':>9} {'base loss':>10} {'ours loss':>10} {'MFU':>6}")
     for r in records:
         print(f"{r['method']:10} {r['baseline_tokens_per_s']:>11.0f} {r['tokens_per_s']:>11.0f} {r['speedup']:>8.2f} "
               f"{r.get('baseline_peak_allocated_gb', float('nan')):>8.2f} {r.get('peak_allocated_gb', float('nan')):>8.2f} "
-              f"{r.get('memory_ratio', float('nan')):>9.2f} {r['baseline_loss']:>10.4f} {r['loss']:>10.4f}")
+              f"{r.get('memory_ratio', float('nan')):>9.2f} {r['baseline_loss']:>10.4f} {r['loss']:>10.4f} "
+              f"{r['mfu'] if r['mfu'] is not None else '-':>6}")
     if args.trl:
         print(f"\n{'method':10} {'ours tok/s':>11} {'TRL head tok/s':>15} {'TRL/ours':>9} {'ours GB':>8} {'TRL GB':>8} "
               f"{'ours loss':>10} {'TRL loss':>10}")

@@ -34,3 +34,19 @@ def test_tiny_generation_benchmark_runs_the_evaluate_path(tmp_path):
     assert out.exists() and [r["decoder"] for r in records] == ["transformers", "ftstudy"]
     assert all(r["prompts"] == 12 and r["generated_tokens"] == 48 for r in records)  # a random model: no EOS
     assert records[1]["same_answers_as_hf"] == 1.0 and records[1]["speedup_vs_hf"] > 0
+
+
+def test_speed_counts_model_flops_per_token_as_written_down():
+    """A hand count on a toy shape: weights 40 a layer (q, k, v, o 4 each; gate, up, down 8 each), attention over
+    a mean context of 2, a head of 2 x 10 at half the tokens."""
+    sspec = importlib.util.spec_from_file_location("speed_bench", Path(__file__).parents[1] / "benchmarks/speed.py")
+    speed = importlib.util.module_from_spec(sspec)
+    sspec.loader.exec_module(speed)
+    arch = dict(vocab_size=10, hidden_size=2, intermediate_size=4, num_hidden_layers=1, num_attention_heads=1,
+                num_key_value_heads=1, head_dim=2)
+    # full: forward 80 + attention 16; backward 80 + 32 + weight gradients 80; head 10 x 3 passes x 2.
+    assert speed.flops_per_token(arch, 3, 0.5, full=True, recompute=False) == 96 + 192 + 60
+    assert speed.flops_per_token(arch, 3, 0.5, full=True) == 96 * 2 + 192 + 60  # checkpointing: forward twice
+    # LoRA r=1 on q_proj (4 more weights): frozen base, so weight gradients only for A and B; the head frozen too.
+    assert speed.flops_per_token(arch, 3, 0.5, full=False, lora_r=1, lora_modules=("q_proj",)) == 104 * 2 + 128 + 40
+    assert speed.mfu(1e12, 989.4, "NVIDIA H200") == 1.0 and speed.mfu(1.0, 1.0, "cpu") is None
