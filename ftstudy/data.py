@@ -140,7 +140,7 @@ def preprocess(p: DataParams, seed: int, raw_dir: str | Path, out_dir: str | Pat
                     [len(tokenize_prompt(tokenizer, r, 10**9)) for r in mine])
                 stats["sources"][source][f"{name}_response_tokens"] = _length_stats(
                     [len(tokenizer(r["response"], add_special_tokens=False)["input_ids"]) for r in mine])
-    # Training takes examples in file order (every method the same stream): the sources interleaved, seeded.
+    # The sources interleaved, seeded; training reorders the stream by its own seed (ftstudy.training).
     random.Random(f"{seed}/train-order").shuffle(train)
     stats["train_rows"], stats["val_rows"], stats["test_rows"] = len(train), len(val), len(test)
     with atomic_dir(out_dir) as tmp:

@@ -54,7 +54,7 @@ def write_results(name: str, records: list[dict], predictions: list[str], extra:
         row["rouge_l_f1"] = round(item, 6)
         if extra_rows:
             row.update(extra_rows[i])
-    families = task_families(params.data, params.seed)
+    families = task_families(params.data, params.data.seed)
     if families:  # generated data: its references are computed, so a prediction is right or wrong
         for row in rows:
             row["family"] = families.get(row["id"], "unknown")

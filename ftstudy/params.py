@@ -74,6 +74,9 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class DataParams:
+    seed: int = _spec(ge=0, doc="the data's own seed: generation, the hub pools' shuffle, subsample, split and the "
+                                "training file's order; held apart from the training seed, so every seed "
+                                "experiment is scored on the same test items")
     source: str = _spec(choices=DATA_SOURCES)
     sources: list = _spec(subset=SOURCES)
     hub_revision: str = _spec()
@@ -159,6 +162,8 @@ class SweepParams:
     """Learning rates tried per method (stage sweep@<method>), each at the training budget, scored by the
     validation loss; the lowest is the rate to configure in the method's section (REPORT.md flags one that is not)."""
 
+    seed: int = _spec(ge=0, doc="the training seed of every swept run: rates are chosen once and held fixed "
+                                "across seed experiments, so `-S seed=N` reruns no sweep")
     qlora: list = _spec(rates=True)
     lora_wide: list = _spec(rates=True)
     galore: list = _spec(rates=True)
@@ -207,7 +212,8 @@ class UiParams:
 @dataclass(frozen=True)
 class Params:
     profile: str = _spec(doc="label written into every metrics file and the report")
-    seed: int = _spec(ge=0)
+    seed: int = _spec(ge=0, doc="the training seed: adapter init, dropout, the order examples are taken in, the "
+                                "re-rank's sampling; data.seed fixes the data")
     model: ModelParams
     data: DataParams
     train: TrainParams

@@ -101,7 +101,7 @@ def build_report(params: Params, root: str | Path = ".") -> tuple[str, dict]:
 
 def _bootstrap(params: Params, root: Path, models: list[str]) -> PairedBootstrap:
     test = read_jsonl(root / "data/processed/test.jsonl")
-    boot = PairedBootstrap([r["response"] for r in test], params.report.bootstrap_resamples, params.seed,
+    boot = PairedBootstrap([r["response"] for r in test], params.report.bootstrap_resamples, params.data.seed,
                            params.report.confidence)
     for m in models:
         rows = {r["id"]: r for r in read_jsonl(root / f"data/predictions/{m}.jsonl")}
@@ -176,7 +176,7 @@ def _heldout(params: Params, root: Path, models: list[str], boot: PairedBootstra
         rows = {m: read_jsonl(root / f"data/predictions/extra/{m}/{name}.jsonl") for m in have}
         ids = [r["id"] for r in rows[have[0]]]
         ood = PairedBootstrap([r["reference"] for r in rows[have[0]]], params.report.bootstrap_resamples,
-                              params.seed, params.report.confidence)
+                              params.data.seed, params.report.confidence)
         for m in have:
             by_id = {r["id"]: r for r in rows[m]}
             ordered = [by_id[i] for i in ids]  # the same items in the same order: the pairing
@@ -421,8 +421,8 @@ def _samples(params: Params, root: Path, models: list[str]) -> list[str]:
         return []
     test = read_jsonl(root / "data/processed/test.jsonl")
     preds = {m: {r["id"]: r for r in read_jsonl(root / f"data/predictions/{m}.jsonl")} for m in models}
-    picked = random.Random(f"{params.seed}/report-samples").sample(test, min(params.report.n_samples, len(test)))
-    out = ["## Sample generations", "", f"{len(picked)} test items drawn with seed {params.seed}.", ""]
+    picked = random.Random(f"{params.data.seed}/report-samples").sample(test, min(params.report.n_samples, len(test)))
+    out = ["## Sample generations", "", f"{len(picked)} test items drawn with seed {params.data.seed}.", ""]
     for rec in picked:
         out += [f"### {rec['id']} ({rec['source']})", "", "Prompt:", _block(build_prompt(rec).rstrip()), "",
                 "Reference:", _block(rec["response"]), ""]

@@ -45,8 +45,8 @@ def completion_trainer_class():
             return cls, kwargs
 
         def _get_train_sampler(self, train_dataset=None):
-            # The stream in file order (preprocess shuffled it, seeded): every method sees the same examples in the
-            # same order, and the hybrid's second phase can continue where its first stopped.
+            # The stream in the order train() gave it (the training seed's): every method sees the same examples in
+            # the same order, and the hybrid's second phase can continue where its first stopped.
             return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
 
         def create_optimizer(self, model=None):

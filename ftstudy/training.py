@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import platform
 import shutil
 import time
@@ -31,8 +32,8 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
           val_path: str | Path | None = None) -> dict:
     """Train ``spec`` and write its adapter or model to ``out_dir`` atomically; return its metrics.
 
-    Examples are taken in the order of ``train_path`` (preprocess shuffled it once, seeded), so every method sees the
-    same stream; ``spec.skip_steps`` starts that many steps into it. ``val_path``'s rows give the trained model's
+    Examples are taken in ``train_path``'s rows in an order drawn from the training seed, so every method of a run
+    sees the same stream; ``spec.skip_steps`` starts that many steps into it. ``val_path``'s rows give the trained model's
     teacher-forced ``validation_loss``, what learning rates are chosen on.
     ``ckpt_dir`` survives an interrupted run (DVC ``persist``); a rerun with the same fingerprint
     resumes from its last checkpoint, a rerun with anything changed starts afresh. ``live_dir`` receives
@@ -72,6 +73,9 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     set_seed(params.seed)
     tokenizer = load_tokenizer(base_dir, padding_side="right")
     records = read_jsonl(train_path)
+    # The training seed orders the stream (the same order for every method of a run): a seed experiment varies
+    # init, dropout and order while the data, and so the test items, stay those of data.seed.
+    random.Random(f"{params.seed}/training-order").shuffle(records)
     # Rotated, not cut: epochs after the first go on cycling through the same stream a single method sees.
     skip = (spec.skip_steps * t.batch_size * t.grad_accum * distributed.world_size()) % len(records)
     dataset = tokenize_dataset(tokenizer, records[skip:] + records[:skip], t.max_seq_len, t.max_prompt_tokens)

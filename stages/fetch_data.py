@@ -7,7 +7,7 @@ from ftstudy.params import load_params
 
 def main() -> None:
     params = load_params()
-    info = fetch_data(params.data, params.seed, "data/raw")
+    info = fetch_data(params.data, params.data.seed, "data/raw")
     for source, entry in info["datasets"].items():
         print(f"{source}: {entry['splits']}")
 

@@ -9,7 +9,7 @@ from ftstudy.params import load_params
 
 def main() -> None:
     params = load_params()
-    stats = preprocess(params.data, params.seed, "data/raw", "data/processed", tokenizer=load_tokenizer("models/base"))
+    stats = preprocess(params.data, params.data.seed, "data/raw", "data/processed", tokenizer=load_tokenizer("models/base"))
     write_json("metrics/data.json", {"profile": params.profile, **stats})
     print(f"train rows: {stats['train_rows']}, test rows: {stats['test_rows']}")
 

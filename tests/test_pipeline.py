@@ -168,6 +168,17 @@ def test_changing_the_budget_reruns_every_training_and_what_follows_but_not_the_
                                                                  "evaluate_rerank", "report"}
 
 
+def test_a_seed_experiment_retrains_and_reevaluates_but_reruns_no_data_sweep_or_base(micro_repo):
+    """`dvc exp run -S seed=N` (what the seed aggregate is built from) costs the trainings and their evaluations:
+    the data (data.seed), the learning-rate sweeps (sweep.seed) and the base's answers are shared by every seed."""
+    repo, env, _ = micro_repo
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["seed"] += 1
+    assert _dry_run_after(repo, env, "params.yaml", yaml.safe_dump(params, sort_keys=False)) == {
+        "validate_params", *(f"train_{m}" for m in METHODS), *(f"evaluate@{m}" for m in METHODS),
+        "evaluate_rerank", "report"}
+
+
 def test_the_sweep_grid_reruns_its_sweep_only_and_the_chosen_rate_reruns_no_sweep(micro_repo):
     """Changing a method's grid reruns its sweep and the report; setting its learning rate to the sweep's winner
     retrains the method, not the sweep."""

@@ -235,6 +235,21 @@ def test_galore_trains_every_parameter(workdir, tiny_model_dir):
     assert m["peak_memory_gb"] > 0 and m["tokens_per_s"] > 0
 
 
+def test_the_training_seed_orders_the_examples(workdir, tiny_model_dir):
+    """GaLore has no random init or dropout: only the order drawn from the training seed can tell two seeds
+    apart, and it must, or a seed experiment would measure no spread for full-parameter training."""
+    from safetensors.torch import load_file
+
+    weights = []
+    for seed in (0, 1):
+        params = dataclasses.replace(_tiny_params(tiny_model_dir, 2, train_galore=dict(rank=4, learning_rate=1e-3)),
+                                     seed=seed)
+        train(method_spec(params, "galore"), params, train_path=workdir / "train.jsonl", models_dir=workdir / "models",
+              out_dir=workdir / f"g{seed}", ckpt_dir=workdir / f"ck{seed}", live_dir=None)
+        weights.append(load_file(workdir / f"g{seed}/model.safetensors"))
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_layerwise_galore_logs_its_measured_gradient_norm_and_says_it_is_unclipped(workdir, tiny_model_dir):
     """Layer-wise GaLore consumes each gradient in its hook, so the Trainer would log a norm of 0 and clip nothing;
     the logged norm is the one the optimizer measured, and the metrics say that no clipping took place."""
