@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from ftstudy.atomic import read_json, read_jsonl, write_json, write_text
 from ftstudy import seeds
+from ftstudy.atomic import read_json, read_jsonl, write_json, write_text
 from ftstudy.params import Params, to_dict
 from ftstudy.prompt import build_prompt
 from ftstudy.stats import PairedBootstrap

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ftstudy.stats import Interval, bleu_from_stats, bleu_sentence_stats, _interval
+from ftstudy.stats import Interval, _interval, bleu_from_stats, bleu_sentence_stats
 
 FOLDER = "data/seeds"
 IGNORED = {"seed", "ui"}  # what may differ between runs that are aggregated (ui changes no number)
@@ -97,7 +97,7 @@ class SeedBootstrap:
             self.per_seed[name]["bleu4"] = [bleu_from_stats(s.sum(0)) for s in stats]
             self.draws[name]["bleu4"] = np.array([
                 np.mean([bleu_from_stats(stats[s][items].sum(0)) for s in seeds])
-                for seeds, items in zip(self.seed_idx, self.item_idx)])
+                for seeds, items in zip(self.seed_idx, self.item_idx, strict=True)])
         for metric, values in means.items():
             values = np.asarray(values, dtype=np.float64)
             self.per_seed[name][metric] = values.mean(axis=1).tolist()
@@ -124,12 +124,12 @@ def aggregate(records: list[dict], references: dict[str, str], n_resamples: int,
     models = [m for m in records[0]["models"] if all(m in r["models"] for r in records)]
     main = SeedBootstrap(len(ids), len(records), n_resamples, seed, confidence)
     for m in models:
-        by_seed = [dict(zip(r["models"][m]["ids"], range(len(r["models"][m]["ids"])))) for r in records]
+        by_seed = [dict(zip(r["models"][m]["ids"], range(len(r["models"][m]["ids"])), strict=True)) for r in records]
         order = [[b[i] for i in ids] for b in by_seed]  # every run's rows in test-set order: the pairing
-        means = {"rouge_l": [[r["models"][m]["rouge_l"][j] for j in o] for r, o in zip(records, order)]}
+        means = {"rouge_l": [[r["models"][m]["rouge_l"][j] for j in o] for r, o in zip(records, order, strict=True)]}
         if all("exact_match" in r["models"][m] for r in records):
-            means["exact_match"] = [[r["models"][m]["exact_match"][j] for j in o] for r, o in zip(records, order)]
-        main.add(m, means, [[r["models"][m]["prediction"][j] for j in o] for r, o in zip(records, order)],
+            means["exact_match"] = [[r["models"][m]["exact_match"][j] for j in o] for r, o in zip(records, order, strict=True)]
+        main.add(m, means, [[r["models"][m]["prediction"][j] for j in o] for r, o in zip(records, order, strict=True)],
                  list(references.values()))
     extra = {}
     for name in records[0]["extra"]:

@@ -32,7 +32,7 @@ def _exp(name, rev, params):
 
 def _predictions(ids, scores):
     return "".join(json.dumps({"id": i, "prediction": f"answer {s}", "rouge_l_f1": s, "exact_match": int(s > 0.5)})
-                   + "\n" for i, s in zip(ids, scores))
+                   + "\n" for i, s in zip(ids, scores, strict=True))
 
 
 def test_collect_writes_one_record_per_seed_of_the_workspaces_params_only(tmp_path):
