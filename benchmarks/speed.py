@@ -82,7 +82,8 @@ def flops_per_token(arch: dict, seq_len: int, labelled: float, *, full: bool, lo
     2 x heads x head_dim x the mean context (seq_len + 1) / 2 each, twice that backward. Checkpointing runs
     each checkpointed layer's forward once more (``recompute``: the share of layers checkpointed). The head
     (d x vocab) runs only at labelled positions (``labelled`` of the tokens): forward, input gradient, and its
-    weight gradient where it trains (tied to the embedding, so with ``full``). The quantized base's dequantization and elementwise work are not counted.
+    weight gradient where it trains (tied to the embedding, so with ``full``). The quantized base's
+    dequantization and elementwise work are not counted.
     """
     d, f, layers = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
     q, kv = arch["num_attention_heads"] * arch["head_dim"], arch["num_key_value_heads"] * arch["head_dim"]
