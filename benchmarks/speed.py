@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import statistics
 import subprocess
@@ -218,6 +219,7 @@ def plan_budget(method: str, base_dir: Path, budget_gb: float, rows: list[int], 
         model.to("cuda")
     probe = budget.measure(model, spec, seq_len, causal_lm(model).config.vocab_size)
     del model
+    gc.collect()
     torch.cuda.empty_cache()
     plans = []
     for n in rows:

@@ -80,7 +80,8 @@ def prepare_model(spec: MethodSpec, params: Params, base_dir: Path,
         if not spec.quantize_4bit:
             model.to("cuda")
         probe = budget.measure(model, spec, t.max_seq_len, causal_lm(model).config.vocab_size)
-        plan = budget.choose(probe, t.memory_budget_gb, rows=t.batch_size // t.num_processes * t.grad_accum,
+        card_gb = torch.cuda.mem_get_info()[1] / 2**30  # a budget above the card is the card
+        plan = budget.choose(probe, min(t.memory_budget_gb, card_gb), rows=t.batch_size // t.num_processes * t.grad_accum,
                              accumulate=not spec.layerwise and t.cuda_graphs != "on",  # see graphs below
                              seq_len=t.max_seq_len)
         keep, accum = plan.keep_activations, plan.grad_accum
