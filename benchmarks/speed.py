@@ -218,6 +218,7 @@ def plan_budget(method: str, base_dir: Path, budget_gb: float, rows: list[int], 
     if not spec.quantize_4bit:
         model.to("cuda")
     probe = budget.measure(model, spec, seq_len, causal_lm(model).config.vocab_size)
+    print(f"probe {method}: " + json.dumps(dataclasses.asdict(probe)), file=sys.stderr, flush=True)
     del model
     gc.collect()
     torch.cuda.empty_cache()
@@ -360,6 +361,9 @@ def main(argv=None) -> list[dict]:
             if proc.returncode or not lines:
                 sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
                 raise SystemExit(f"{method}/{variant} failed (exit {proc.returncode})")
+            for line in proc.stderr.splitlines():
+                if line.startswith("probe "):
+                    print(line, flush=True)  # the budget's measured memory model, beside the table
             return json.loads(lines[-1][len("WORKER "):])
 
         for method in args.methods:
