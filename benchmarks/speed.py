@@ -13,6 +13,10 @@ instruction tuning), the same learning rate, and an optimizer built by transform
 - project: ``ftstudy.prepare.prepare_model`` and ``completion_loss``, i.e. exactly what the training stages
   run (fused head loss, the levers of ftstudy.fastpath, layer-wise 8-bit GaLore, fused AdamW), with the
   same checkpointing;
+- with ``--budgets``, the project again in memory-budget mode (ftstudy.budget): for each fraction of the
+  baseline's peak memory, the rows per step (of ``--budget-rows``) and the checkpointed layers that the budget's
+  memory model predicts fit and rates fastest; its predicted peak is printed beside the measured one. These rows
+  spend memory on larger batches, so their loss is not the others' step for step;
 - with ``--trl``, a third: the project's model and optimizer, but the loss through TRL's fused LM head
   (``trl.trainer.utils.add_fused_lm_head``, what TRL's SFTTrainer uses) instead of ``ftstudy.loss``: an A/B of
   the two heads, everything else equal.
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import statistics
 import subprocess
@@ -69,16 +74,17 @@ PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12}
 
 
 def flops_per_token(arch: dict, seq_len: int, labelled: float, *, full: bool, lora_r: int = 0,
-                    lora_modules: tuple[str, ...] = (), recompute: bool = True) -> float:
+                    lora_modules: tuple[str, ...] = (), recompute: float = 1.0) -> float:
     """Model FLOPs one training token costs (2 per multiply-add), as both variants must compute them.
 
     Per decoder layer, a weight matmul costs 2 x its weights forward, as much again for the input gradient,
     and as much again for the weight gradient where the weight trains (``full``: every weight; else only LoRA's
     A and B, r x (in + out) per adapted module, which also run in the forward). Causal attention: QK^T and AV,
-    2 x heads x head_dim x the mean context (seq_len + 1) / 2 each, twice that backward. Checkpointing
-    (``recompute``) runs each layer's forward once more. The head (d x vocab) runs only at labelled positions
-    (``labelled`` of the tokens): forward, input gradient, and its weight gradient where it trains (tied to the
-    embedding, so with ``full``). The quantized base's dequantization and elementwise work are not counted.
+    2 x heads x head_dim x the mean context (seq_len + 1) / 2 each, twice that backward. Checkpointing runs
+    each checkpointed layer's forward once more (``recompute``: the share of layers checkpointed). The head
+    (d x vocab) runs only at labelled positions (``labelled`` of the tokens): forward, input gradient, and its
+    weight gradient where it trains (tied to the embedding, so with ``full``). The quantized base's
+    dequantization and elementwise work are not counted.
     """
     d, f, layers = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
     q, kv = arch["num_attention_heads"] * arch["head_dim"], arch["num_key_value_heads"] * arch["head_dim"]
@@ -88,7 +94,7 @@ def flops_per_token(arch: dict, seq_len: int, labelled: float, *, full: bool, lo
     lora = sum(lora_r * (shapes[m][0] + shapes[m][1]) for m in lora_modules)
     forward = 2 * (base + lora) + 2 * 2 * q * (seq_len + 1) / 2
     backward = 2 * (base + lora) + 2 * (2 * 2 * q * (seq_len + 1) / 2) + 2 * (base if full else lora)
-    layer = forward * (2 if recompute else 1) + backward
+    layer = forward * (1 + recompute) + backward
     head = 2 * d * arch["vocab_size"] * labelled * (3 if full else 2)
     return layers * layer + head
 
@@ -98,13 +104,14 @@ def mfu(tokens_per_s: float, flops: float, device: str) -> float | None:
     return round(tokens_per_s * flops / peak, 4) if peak else None
 
 
-def bench_params(variant: str, cuda: bool, keep_activations: int = 0) -> Params:
+def bench_params(variant: str, cuda: bool, keep_activations: int = 0, checkpointing: bool = True,
+                 **train) -> Params:
     p = dataclasses.replace(default_params(), profile="benchmark")
     ours = variant != "baseline"
     galore = (PROJECT_GALORE if ours else BASELINE_GALORE)[cuda]
     return dataclasses.replace(
-        p, train=dataclasses.replace(p.train, gradient_checkpointing=True, weight_decay=0.0,
-                                     keep_activations=keep_activations if ours else 0),
+        p, train=dataclasses.replace(p.train, gradient_checkpointing=checkpointing, weight_decay=0.0,
+                                     keep_activations=keep_activations if ours and checkpointing else 0, **train),
         train_qlora=dataclasses.replace(p.train_qlora, lora_dropout=0.0, learning_rate=1e-4),
         train_lora_wide=dataclasses.replace(p.train_lora_wide, lora_dropout=0.0, learning_rate=1e-4),
         train_galore=dataclasses.replace(p.train_galore, optimizer=galore, learning_rate=1e-5),
@@ -162,7 +169,7 @@ def build_variant(method: str, variant: str, base_dir: Path, cuda: bool, params:
         okw = {**optimizer_kwargs(spec), "optim": spec.optimizer}  # GaLore's targets alike; no fused AdamW
         enable_checkpointing(model, 0)  # every layer, as Trainer(gradient_checkpointing=True) does
     else:
-        model, levers = prepare_model(spec, params, base_dir, base_dir.parent)  # checkpointing as params say
+        model, levers, _ = prepare_model(spec, params, base_dir, base_dir.parent)  # checkpointing as params say
         if not spec.quantize_4bit:
             model.to("cuda" if cuda else "cpu")
         okw = optimizer_kwargs(spec)
@@ -196,12 +203,49 @@ def train_step(model, opt, batch: dict, variant: str, cuda: bool) -> torch.Tenso
     return loss
 
 
+def plan_budget(method: str, base_dir: Path, budget_gb: float, rows: list[int], seq_len: int):
+    """The budget's plan: ftstudy.budget's probe of the project's model (uncompiled, as the training stages probe
+    it), then for each candidate rows per step the plan that fits; the one rated fastest."""
+    from ftstudy import budget
+    from ftstudy.errors import UserError
+    from ftstudy.methods import method_spec
+    from ftstudy.models import causal_lm
+    from ftstudy.prepare import prepare_model
+
+    params = bench_params("project", True, compile="off", kernels="off")
+    spec = method_spec(params, method)
+    model, _, _ = prepare_model(spec, params, base_dir, base_dir.parent)
+    if not spec.quantize_4bit:
+        model.to("cuda")
+    probe = budget.measure(model, spec, seq_len, causal_lm(model).config.vocab_size)
+    print(f"probe {method}: " + json.dumps(dataclasses.asdict(probe)), file=sys.stderr, flush=True)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    plans = []
+    for n in rows:
+        try:
+            plans.append(budget.choose(probe, budget_gb, n, accumulate=False, seq_len=seq_len))
+        except UserError:  # these rows do not fit: a smaller candidate may
+            continue
+    if not plans:
+        raise SystemExit(f"{method}: no candidate of --budget-rows fits {budget_gb:.2f} GB")
+    return max(plans, key=lambda p: p.score)
+
+
 def run_worker(method: str, variant: str, base_dir: Path, batches: list[dict], warmup: int,
-               keep_activations: int = 0, trace_dir: Path | None = None) -> dict:
+               keep_activations: int = 0, trace_dir: Path | None = None, budget_rows: list[int] = (),
+               prompt_frac: float = 0.5, vocab: int = 0) -> dict:
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    model, opt, levers, optim = build_variant(method, variant, base_dir, cuda,
-                                              bench_params(variant, cuda, keep_activations))
+    params, plan = bench_params(variant, cuda, keep_activations), None
+    if variant.startswith("budget="):
+        seq_len = batches[0]["input_ids"].shape[1]
+        plan = plan_budget(method, base_dir, float(variant.split("=")[1]), budget_rows, seq_len)
+        params = bench_params("project", cuda, plan.keep_activations, plan.checkpointing)
+        batches = make_batches(len(batches), plan.micro_batch, seq_len, vocab, prompt_frac)
+        variant = "project"
+    model, opt, levers, optim = build_variant(method, variant, base_dir, cuda, params)
     times, losses = [], []
     if cuda:
         torch.cuda.synchronize()
@@ -251,7 +295,7 @@ def run_worker(method: str, variant: str, base_dir: Path, batches: list[dict], w
             prof = None
     rec = {"tokens_per_s": round(batches[0]["input_ids"].numel() / statistics.median(times), 1),
            "loss": losses[-1], "losses": losses, "optimizer": optim, "levers": levers,
-           "first_step_s": round(first, 2)}
+           "first_step_s": round(first, 2), "plan": plan.as_dict() if plan else None}
     if cuda:
         rec["steady_peak_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         rec["peak_allocated_gb"] = round(max(run_peak, torch.cuda.max_memory_allocated()) / 2**30, 3)
@@ -279,6 +323,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=3, help="untimed first steps (compilation, GaLore's SVD)")
     parser.add_argument("--keep-activations", type=int, default=0,
                         help="the project's train.keep_activations: last N layers not checkpointed")
+    parser.add_argument("--budgets", nargs="*", type=float, default=[],
+                        help="memory-budget rows: fractions of the baseline's peak allocated memory (e.g. 0.33 1.0)")
+    parser.add_argument("--budget-rows", nargs="+", type=int, default=[8, 16, 32, 64],
+                        help="rows per step the budget rows may choose from (the same --seq-len)")
     parser.add_argument("--trl", action="store_true",
                         help="also run the project's path with TRL's fused LM head as its loss (an A/B of the heads)")
     parser.add_argument("--trace-dir", type=Path,
@@ -292,7 +340,8 @@ def main(argv=None) -> list[dict]:
     if args.worker:
         method, variant, base_dir = args.worker
         print("WORKER " + json.dumps(run_worker(method, variant, Path(base_dir), batches, args.warmup,
-                                                args.keep_activations, args.trace_dir)), flush=True)
+                                                args.keep_activations, args.trace_dir, args.budget_rows,
+                                                args.prompt_frac, arch["vocab_size"])), flush=True)
         return []
 
     records = []
@@ -303,18 +352,22 @@ def main(argv=None) -> list[dict]:
         build_base(arch, base_dir, cuda)
         shared = ["--arch", args.arch, "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--prompt-frac",
                   str(args.prompt_frac), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                  "--keep-activations", str(args.keep_activations),
+                  "--keep-activations", str(args.keep_activations), "--budget-rows", *map(str, args.budget_rows),
                   *(["--trace-dir", str(args.trace_dir.resolve())] if args.trace_dir else [])]
+        def worker(method: str, variant: str) -> dict:
+            proc = subprocess.run([sys.executable, __file__, *shared, "--worker", method, variant, str(base_dir)],
+                                  capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("WORKER ")]
+            if proc.returncode or not lines:
+                sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+                raise SystemExit(f"{method}/{variant} failed (exit {proc.returncode})")
+            for line in proc.stderr.splitlines():
+                if line.startswith("probe "):
+                    print(line, flush=True)  # the budget's measured memory model, beside the table
+            return json.loads(lines[-1][len("WORKER "):])
+
         for method in args.methods:
-            got = {}
-            for variant in ("baseline", "project", "trl") if args.trl else ("baseline", "project"):
-                proc = subprocess.run([sys.executable, __file__, *shared, "--worker", method, variant, str(base_dir)],
-                                      capture_output=True, text=True)
-                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("WORKER ")]
-                if proc.returncode or not lines:
-                    sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-                    raise SystemExit(f"{method}/{variant} failed (exit {proc.returncode})")
-                got[variant] = json.loads(lines[-1][len("WORKER "):])
+            got = {v: worker(method, v) for v in (("baseline", "project", "trl") if args.trl else ("baseline", "project"))}
             base, ours = got["baseline"], got["project"]
             rec = {"method": method, "device": torch.cuda.get_device_name() if cuda else "cpu", "arch": args.arch,
                    "batch": args.batch, "seq_len": args.seq_len, "prompt_frac": args.prompt_frac,
@@ -339,6 +392,23 @@ def main(argv=None) -> list[dict]:
                                     lora_modules=tuple(lora.target_modules) if lora else ())
             rec.update(model_flops_per_token=round(flops), mfu=mfu(ours["tokens_per_s"], flops, rec["device"]),
                        baseline_mfu=mfu(base["tokens_per_s"], flops, rec["device"]))
+            rec["budgets"] = []
+            for fraction in args.budgets if cuda else []:
+                b = worker(method, f"budget={fraction * base['peak_allocated_gb']:.3f}")
+                plan = b["plan"]
+                b_flops = flops_per_token(arch, args.seq_len, 1 - args.prompt_frac, full=lora is None,
+                                          lora_r=lora.lora_r if lora else 0,
+                                          lora_modules=tuple(lora.target_modules) if lora else (),
+                                          recompute=(plan["layers"] - plan["keep_activations"]) / plan["layers"])
+                rec["budgets"].append({
+                    "fraction": fraction, "budget_gb": plan["budget_gb"], "rows": plan["micro_batch"],
+                    "keep_activations": plan["keep_activations"], "gradient_checkpointing": plan["gradient_checkpointing"],
+                    "predicted_peak_gb": plan["predicted_peak_gb"], "peak_allocated_gb": b["peak_allocated_gb"],
+                    "within_budget": b["peak_allocated_gb"] <= plan["budget_gb"],
+                    "memory_ratio": round(b["peak_allocated_gb"] / base["peak_allocated_gb"], 3),
+                    "tokens_per_s": b["tokens_per_s"], "speedup": round(b["tokens_per_s"] / base["tokens_per_s"], 3),
+                    "model_flops_per_token": round(b_flops), "mfu": mfu(b["tokens_per_s"], b_flops, rec["device"]),
+                    "loss": b["loss"], "first_step_s": b["first_step_s"]})
             if args.trl:
                 t = got["trl"]
                 rec.update(trl_tokens_per_s=t["tokens_per_s"], trl_loss=t["loss"], trl_losses=t["losses"],
@@ -356,6 +426,14 @@ def main(argv=None) -> list[dict]:
               f"{r.get('baseline_peak_allocated_gb', float('nan')):>8.2f} {r.get('peak_allocated_gb', float('nan')):>8.2f} "
               f"{r.get('memory_ratio', float('nan')):>9.2f} {r['baseline_loss']:>10.4f} {r['loss']:>10.4f} "
               f"{r['mfu'] if r['mfu'] is not None else '-':>6}")
+    if any(r["budgets"] for r in records):
+        print(f"\n{'method':10} {'budget':>7} {'GB':>6} {'rows':>5} {'kept':>5} {'pred GB':>8} {'peak GB':>8} "
+              f"{'mem ratio':>9} {'tok/s':>8} {'speedup':>8} {'MFU':>6}")
+        for r in records:
+            for b in r["budgets"]:
+                print(f"{r['method']:10} {b['fraction']:>6.2f}x {b['budget_gb']:>6.1f} {b['rows']:>5} "
+                      f"{b['keep_activations']:>5} {b['predicted_peak_gb']:>8.2f} {b['peak_allocated_gb']:>8.2f} "
+                      f"{b['memory_ratio']:>9.2f} {b['tokens_per_s']:>8.0f} {b['speedup']:>8.2f} {b['mfu']!s:>6}")
     if args.trl:
         print(f"\n{'method':10} {'ours tok/s':>11} {'TRL head tok/s':>15} {'TRL/ours':>9} {'ours GB':>8} {'TRL GB':>8} "
               f"{'ours loss':>10} {'TRL loss':>10}")

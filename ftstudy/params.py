@@ -120,6 +120,10 @@ class TrainParams:
     compile: str = _spec(choices=FASTPATH_SETTINGS, doc="torch.compile each decoder layer; auto = on with CUDA")
     cuda_graphs: str = _spec(choices=FASTPATH_SETTINGS, doc="replay the compiled layers as CUDA graphs "
                              "(torch.compile reduce-overhead); auto = on wherever layers are compiled")
+    memory_budget_gb: float = _spec(ge=0, doc="GPU memory a training may use (per device; above the card's: the "
+                                             "card's); > 0 measures the model and picks micro-batch and checkpointed "
+                                             "layers to fit it (ftstudy.budget), overriding gradient_checkpointing "
+                                             "and keep_activations; 0 = off")
     num_processes: int = _spec(ge=1, le=64, doc="workers (GPUs) per training stage; >1 launches it through torchrun")
     strategy: str = _spec(choices=STRATEGIES, doc="data parallelism with num_processes > 1: ddp or fsdp")
 
@@ -378,6 +382,9 @@ def _cross_checks(p: Params, problems: list[str]) -> None:
         problems.append("train.cuda_graphs: on replays compiled layers, but "
                         + ("train.compile is off" if p.train.compile == "off" else "FSDP runs uncompiled layers")
                         + "; allowed: auto or off, or train.compile: on/auto with one process or DDP")
+    if p.train.memory_budget_gb and p.train.fsdp:
+        problems.append("train.memory_budget_gb: FSDP shards and checkpoints itself, which the plan does not model; "
+                        "allowed: 0 with train.strategy: fsdp, or strategy: ddp")
     if p.train.keep_activations and p.train.fsdp:
         problems.append("train.keep_activations: FSDP checkpoints every layer itself; allowed: 0 with "
                         "train.strategy: fsdp")

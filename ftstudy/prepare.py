@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ftstudy import fastpath
+from ftstudy import budget, fastpath
 from ftstudy.errors import UserError
 from ftstudy.methods import MethodSpec
 from ftstudy.models import causal_lm, compute_dtype, merged_model
@@ -65,19 +65,33 @@ def enable_checkpointing(model, keep_activations: int) -> None:
         layer.gradient_checkpointing = False
 
 
-def prepare_model(spec: MethodSpec, params: Params, base_dir: Path, models_dir: Path) -> tuple[object, list[str]]:
-    """The model ``spec`` trains, with the speed levers of ftstudy.fastpath that params and the device call for."""
+def prepare_model(spec: MethodSpec, params: Params, base_dir: Path,
+                  models_dir: Path) -> tuple[object, list[str], budget.MemoryPlan | None]:
+    """The model ``spec`` trains, with the speed levers of ftstudy.fastpath that params and the device call for,
+    and with train.memory_budget_gb the plan that fits it (micro-batch, accumulation, checkpointed layers)."""
     t = params.train
     model = load_start_model(spec, base_dir, models_dir)
     model.config.use_cache = False
-    model = attach_adapter(model, spec, t.gradient_checkpointing)
-    if t.gradient_checkpointing and not t.fsdp:  # FSDP checkpoints with its own wrapper
-        enable_checkpointing(model, t.keep_activations)
+    planned = t.memory_budget_gb > 0
+    model = attach_adapter(model, spec, t.gradient_checkpointing or planned)
+    plan, keep, accum = None, t.keep_activations, t.grad_accum
+    if planned:  # measured before compiling: the compiled layers take their checkpointing from the plan
+        enable_checkpointing(model, 0)
+        if not spec.quantize_4bit:
+            model.to("cuda")
+        probe = budget.measure(model, spec, t.max_seq_len, causal_lm(model).config.vocab_size)
+        card_gb = torch.cuda.mem_get_info()[1] / 2**30  # a budget above the card is the card
+        plan = budget.choose(probe, min(t.memory_budget_gb, card_gb), rows=t.batch_size // t.num_processes * t.grad_accum,
+                             accumulate=not spec.layerwise and t.cuda_graphs != "on",  # see graphs below
+                             seq_len=t.max_seq_len)
+        keep, accum = plan.keep_activations, plan.grad_accum
+    if (t.gradient_checkpointing or planned) and not t.fsdp:  # FSDP checkpoints with its own wrapper
+        enable_checkpointing(model, keep)  # keep = every layer: none recomputes
     # Compiled layers under FSDP2 with its checkpointing crashed in cuDNN attention's backward on 2 H200s.
     compile = "off" if t.fsdp and t.compile == "auto" else t.compile
     # Gradients accumulated over micro-steps would live in CUDA-graph memory that the next replay overwrites
     # (cudagraph trees refuse: "accessing tensor output of CUDAGraphs that has been overwritten").
-    graphs = "off" if t.grad_accum > 1 and t.cuda_graphs == "auto" else t.cuda_graphs
+    graphs = "off" if accum > 1 and t.cuda_graphs == "auto" else t.cuda_graphs
     cuda = torch.cuda.is_available()
     levers = fastpath.speed_up(model, kernels=t.kernels, compile=compile, cuda=cuda, cuda_graphs=graphs,
                                shapes=t.batch_size)
@@ -85,7 +99,7 @@ def prepare_model(spec: MethodSpec, params: Params, base_dir: Path, models_dir: 
         levers.append("galore_8bit_in_place")
         if spec.layerwise:
             levers.append("galore_8bit_batched")  # CompletionTrainer.create_optimizer builds it
-    return model, levers
+    return model, levers, plan
 
 
 def _numel(p) -> int:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from ftstudy import seeds
 from ftstudy.atomic import read_json, read_jsonl, write_json, write_text
-from ftstudy.params import Params
+from ftstudy.params import Params, to_dict
 from ftstudy.prompt import build_prompt
 from ftstudy.stats import PairedBootstrap
 
@@ -89,6 +90,8 @@ def build_report(params: Params, root: str | Path = ".") -> tuple[str, dict]:
     out += heldout
 
     out += _pairwise(models, boot)
+    seed_lines, over_seeds = _seeds(params, root, models)
+    out += seed_lines
     out += _discussion(params, trained, budgets, sweeps, models, evals, boot)
     out += _figures(root, models, evals, trained)
     out += _showcase(root, models)
@@ -96,6 +99,8 @@ def build_report(params: Params, root: str | Path = ".") -> tuple[str, dict]:
     significance = _significance_json(models, boot)
     if forgetting:
         significance["extra_test_sets"] = forgetting
+    if over_seeds:
+        significance["seeds"] = over_seeds
     return "\n".join(out).rstrip() + "\n", significance
 
 
@@ -223,6 +228,74 @@ def _pairwise(models: list[str], boot: PairedBootstrap) -> list[str]:
             rows.append([f"{a} - {b}"] + [_diff(boot.difference(a, b, k), METRICS[k][2]) for k in boot.metrics()])
     return ["### Method vs method", "", "Each row is the paired difference `a - b` (positive: a scores higher); `*`: significant.", "",
             _table(["pair"] + [f"{METRICS[k][0]} difference" for k in boot.metrics()], rows), ""]
+
+
+def _seeds(params: Params, root: Path, models: list[str]) -> tuple[list[str], dict]:
+    """Mean, sd and intervals over the training seeds whose records (ftstudy.seeds) share this run's params."""
+    def read(rel: str) -> str | None:
+        return (root / rel).read_text() if (root / rel).exists() else None
+
+    current = seeds.run_record(read, to_dict(params), models, params.evaluate.extra_test_sets)
+    records, stale = seeds.load_records(root, current)
+    out = ["## Across training seeds", ""]
+    if stale:
+        out += [f"Records of seeds {', '.join(map(str, stale))} in `{seeds.FOLDER}/` were made with other params and are "
+                "left out.", ""]
+    if len(records) < 2:
+        return out + [f"This report has one training seed ({params.seed}): its intervals cover the test items, not "
+                      "the spread between training runs. Several seeds: see "
+                      "[docs/design.md](docs/design.md#several-seeds).", ""], {}
+    used = [r["seed"] for r in records]
+    test = read_jsonl(root / "data/processed/test.jsonl")
+    main, extra = seeds.aggregate(records, {r["id"]: r["response"] for r in test}, params.report.bootstrap_resamples,
+                                  params.data.seed, params.report.confidence)
+    names = list(main.per_seed)
+    metrics = [k for k in ("rouge_l", "exact_match", "bleu4") if all(k in main.per_seed[m] for m in names)]
+    pct = round(main.confidence * 100)
+
+    def cell(boot, m, k, fmt):
+        iv = boot.interval(m, k)
+        return f"{_num(fmt, iv.estimate)} ± {_num(fmt, boot.sd(m, k))} [{_num(fmt, iv.low)}, {_num(fmt, iv.high)}]"
+
+    rows = [[m] + [cell(main, m, k, METRICS[k][2]) for k in metrics]
+            + ["-" if m == "base" or "base" not in names else _diff(main.difference(m, "base", k), METRICS[k][2])
+               for k in metrics] for m in names]
+    out += [f"{len(records)} training seeds ({', '.join(map(str, sorted(used)))}): each a whole run of the trainings "
+            "with its own training seed (adapter init, dropout, the order examples are taken in) on the same data, "
+            "test items and learning rates (the sweeps ran once, with sweep.seed). Mean ± sd over seeds, then a "
+            f"{pct} % interval from {len(main.seed_idx)} resamples that draw seeds and test items together, so it "
+            "covers both sources of chance; `*`: the interval excludes 0.", "",
+            _table(["model"] + [f"{METRICS[k][0]} mean ± sd [{pct} % CI]" for k in metrics]
+                   + [f"{METRICS[k][0]} vs base" for k in metrics], rows), ""]
+    json_out = {"seeds": sorted(used), "confidence": main.confidence, "resamples": len(main.seed_idx), "models": {
+        m: {k: {**main.interval(m, k).as_dict(), "sd": round(main.sd(m, k), 6),
+                "per_seed": [round(v, 6) for v in main.per_seed[m][k]]} for k in metrics} for m in names},
+        "differences": {}}
+    methods = [m for m in names if m != "base"]
+    pairs = ([(m, "base") for m in methods] if "base" in names else []) + [
+        (a, b) for i, a in enumerate(methods) for b in methods[i + 1:]]
+    for a, b in pairs:
+        json_out["differences"][f"{a}-{b}"] = {k: {**(d := main.difference(a, b, k)).as_dict(),
+                                                  "significant": d.excludes_zero} for k in metrics}
+    rows = [[f"{a} - {b}"] + [_diff(main.difference(a, b, k), METRICS[k][2]) for k in metrics]
+            for a, b in pairs if b != "base"]
+    if rows:
+        out += ["### Method vs method over seeds", "", _table(["pair"] + [f"{METRICS[k][0]} difference"
+                                                                          for k in metrics], rows), ""]
+    for name, boot in extra.items():
+        have = list(boot.per_seed)
+        rows = [[m, cell(boot, m, "loss", "{:.3f}"),
+                 "-" if m == "base" or "base" not in have else _diff(boot.difference(m, "base", "loss"), "{:.3f}")]
+                for m in have]
+        out += [f"### `{name}` reference loss over seeds", "",
+                _table(["model", f"reference loss mean ± sd [{pct} % CI]", "vs base"], rows), ""]
+        json_out.setdefault("extra_test_sets", {})[name] = {
+            m: {**boot.interval(m, "loss").as_dict(), "sd": round(boot.sd(m, "loss"), 6)} for m in have}
+    held = [f"{a} - {b} ({METRICS[k][0]})" for a, b in pairs for k in metrics
+            if json_out["differences"][f"{a}-{b}"][k]["significant"]]
+    out += [f"Differences whose interval excludes 0 over these {len(records)} seeds: "
+            + ("; ".join(held) if held else "none") + ".", ""]
+    return out, json_out
 
 
 def _significance_json(models: list[str], boot: PairedBootstrap) -> dict:

@@ -16,7 +16,8 @@ from ftstudy.training import train_method
 
 def with_rate(params: Params, method: str, rate: float) -> Params:
     section = f"train_{method}"
-    return dataclasses.replace(params, seed=params.sweep.seed, **{section: dataclasses.replace(getattr(params, section), learning_rate=rate)})
+    rated = dataclasses.replace(getattr(params, section), learning_rate=rate)
+    return dataclasses.replace(params, seed=params.sweep.seed, **{section: rated})
 
 
 def sweep_method(method: str, params: Params, *, data_dir: str | Path, base_dir: str | Path,

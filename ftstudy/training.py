@@ -5,18 +5,20 @@ result and its cost metrics. Each step is one layer down: batches, prepare, trai
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-import random
 import platform
+import random
 import shutil
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from ftstudy import distributed, fastpath
+from ftstudy import budget, distributed, fastpath
 from ftstudy.atomic import atomic_dir, read_json, read_jsonl, write_json
 from ftstudy.batches import WIDTH_BUCKETS, Collator, packed_batches, tokenize_dataset
 from ftstudy.checkpoints import fingerprint, last_complete_checkpoint, truncate_curves
@@ -44,6 +46,7 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     cuda = torch.cuda.is_available()
     check_hardware(spec)
     fastpath.check(params.train.kernels, cuda, params.train.cuda_graphs)
+    budget.check(params.train.memory_budget_gb, cuda)
     distributed.check(spec, params.train, cuda)
     distributed.init(cuda)
     t = params.train
@@ -79,7 +82,9 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     # Rotated, not cut: epochs after the first go on cycling through the same stream a single method sees.
     skip = (spec.skip_steps * t.batch_size * t.grad_accum * distributed.world_size()) % len(records)
     dataset = tokenize_dataset(tokenizer, records[skip:] + records[:skip], t.max_seq_len, t.max_prompt_tokens)
-    model, levers = prepare_model(spec, params, base_dir, models_dir)
+    model, levers, plan = prepare_model(spec, params, base_dir, models_dir)
+    if plan:  # the same rows per optimizer step, in the micro-batches the memory budget fits
+        t = dataclasses.replace(t, batch_size=plan.micro_batch * t.num_processes, grad_accum=plan.grad_accum)
     trainable, total = count_parameters(model)
     layer_cls = type(causal_lm(model).model.layers[0]).__name__
     optim_kwargs = optimizer_kwargs(spec)
@@ -165,6 +170,9 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
         "num_processes": distributed.world_size(),
         "strategy": t.strategy if distributed.world_size() > 1 else "single",
         "per_device_batch": args.per_device_train_batch_size,
+        "memory_plan": None if plan is None else {
+            **plan.as_dict(), "measured_peak_gb": devices[0]["peak_memory_gb"],
+            "within_budget": devices[0]["peak_memory_gb"] <= plan.budget_gb},
         "effective_batch": args.per_device_train_batch_size * distributed.world_size() * t.grad_accum,
         "steps": result.global_step,
         "resumed_from_step": resumed_from,
@@ -180,6 +188,9 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
     }
+    if plan and not metrics["memory_plan"]["within_budget"]:
+        print(f"warning: {spec.name} peaked at {devices[0]['peak_memory_gb']} GB, over train.memory_budget_gb="
+              f"{plan.budget_gb:g} (predicted {plan.predicted_peak_gb} GB): lower the budget", file=sys.stderr)
     if os.environ.get("FTSTUDY_KEEP_CHECKPOINTS") != "1":
         for ck in ckpt_dir.glob("checkpoint-*"):
             shutil.rmtree(ck)  # finished: the final model is in out_dir; keep the (small) stamp only

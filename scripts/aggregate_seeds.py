@@ -1,117 +1,99 @@
-"""Mean ± sd of every method's metrics over DVC experiments that differ only in `seed`.
+"""Collect finished seed experiments into data/seeds/, for REPORT.md's aggregate over training seeds.
 
-    for s in 1 2 3; do dvc exp run --queue -S seed=$s; done
+    for s in 1 2; do dvc exp run --queue -S seed=$s; done
     dvc queue start -j 1            # one at a time: every run uses the whole CPU/GPU
-    dvc queue status                # wait until all are Success
-    python scripts/aggregate_seeds.py --out metrics/seeds.md
+    dvc queue status                # wait until every run is Success
+    python scripts/aggregate_seeds.py
+    dvc repro report                # REPORT.md: "Across training seeds"
+    git add data/seeds && git commit -m "..."
 
-`seed` drives data sampling and training together, so the spread covers both. Experiments are read
-from `dvc exp show --json`; only those whose params equal the workspace's apart from `seed` are used,
-so an unrelated experiment never slips into the average.
+A seed experiment changes the training seed only: data.seed and sweep.seed keep the data, test items and
+learning rates, so it reruns the trainings, their evaluations, the re-rank and the report (not the data, the
+sweeps or the base's evaluation). Experiments are listed by `dvc exp show --json`; only those whose params equal
+the workspace's apart from `seed` are collected, so an unrelated experiment never slips into the aggregate. Each
+writes ``data/seeds/seed-<N>.json``: its per-item scores (ftstudy.seeds.run_record), read from the DVC cache.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-KEYS = {
-    "eval": [("overall.bleu4_corpus_0_100", "BLEU-4"), ("overall.rouge_l_f1_0_1", "ROUGE-L F1")],
-    "train": [("peak_memory_gb", "peak memory GB"), ("train_seconds", "train s"), ("final_train_loss", "final loss")],
-}
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+from ftstudy import seeds  # noqa: E402
+from ftstudy.atomic import write_json  # noqa: E402
+from ftstudy.params import load_params, parse_params, to_dict  # noqa: E402
+from ftstudy.report import MODEL_ORDER  # noqa: E402
 
 
 def runs_from_exp_show(entries: list[dict]) -> list[dict]:
-    """One record per experiment (and the baseline): {"name", "params": flat params.yaml, "metrics": {file: flat}}."""
+    """One record per experiment: {"name", "rev", "params": its params.yaml as a dict}."""
     runs = []
-
-    def add(name: str, data: dict | None) -> None:
-        if not data:
-            return
-        params = _flat(((data.get("params") or {}).get("params.yaml") or {}).get("data") or {})
-        metrics = {path: _flat(m.get("data") or {}) for path, m in (data.get("metrics") or {}).items()}
-        if metrics:
-            runs.append({"name": name, "params": params, "metrics": metrics})
-
     for entry in entries:
-        if entry.get("rev") != "workspace":
-            add(entry.get("name") or entry.get("rev", "")[:7], entry.get("data"))
         for exp in entry.get("experiments") or []:
             for rev in exp.get("revs") or []:
-                add(exp.get("name") or rev.get("name") or rev.get("rev", "")[:7], rev.get("data"))
+                data = rev.get("data") or {}
+                params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
+                if params and rev.get("rev"):
+                    runs.append({"name": exp.get("name") or rev.get("name") or rev["rev"][:7], "rev": rev["rev"],
+                                 "params": params})
     return runs
 
 
 def same_but_seed(runs: list[dict], reference: dict) -> list[dict]:
-    """Runs whose params equal ``reference`` apart from seed, one per seed (the baseline and an experiment
-    with its seed are the same run)."""
-    strip = {k: v for k, v in reference.items() if k != "seed"}
-    by_seed = {}
+    """Runs whose params equal ``reference`` (a params.yaml dict) apart from the training seed, one per seed."""
+    want = seeds.comparable(to_dict(parse_params(reference)))
+    by_seed: dict = {}
     for r in runs:
-        if {k: v for k, v in r["params"].items() if k != "seed"} == strip:
-            by_seed.setdefault(r["params"].get("seed"), r)
+        if seeds.comparable(to_dict(parse_params(r["params"]))) == want:
+            by_seed.setdefault(r["params"]["seed"], r)
     return list(by_seed.values())
 
 
-def aggregate(runs: list[dict]) -> dict:
-    """{method: {label: (mean, sd, n)}} over the runs."""
-    table: dict = {}
-    for r in runs:
-        for path, values in r["metrics"].items():
-            parts = Path(path).parts
-            if len(parts) < 3 or parts[1] not in KEYS:
-                continue
-            method = Path(path).stem
-            for key, label in KEYS[parts[1]]:
-                if isinstance(values.get(key), (int, float)):
-                    table.setdefault(method, {}).setdefault(label, []).append(float(values[key]))
-    return {m: {label: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
-                for label, v in cols.items()} for m, cols in table.items()}
-
-
-def to_markdown(agg: dict, seeds: list) -> str:
-    labels = [label for group in KEYS.values() for _, label in group]
-    lines = [f"Mean ± sd over seeds {', '.join(map(str, sorted(seeds)))}.", "",
-             "| method | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
-    for m, cols in sorted(agg.items()):
-        cells = [f"{cols[label][0]:.4g} ± {cols[label][1]:.2g}" if label in cols else "-" for label in labels]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def collect(runs: list[dict], reference: dict, read_at, out_dir: Path) -> list[int]:
+    """Write one record per run to ``out_dir``; ``read_at(rev, path)`` returns a file of that experiment or None.
+    The workspace's own seed is skipped: the report reads it from the workspace."""
+    written = []
+    for run in same_but_seed(runs, reference):
+        seed = run["params"]["seed"]
+        if seed == reference["seed"]:
+            continue
+        params = to_dict(parse_params(run["params"]))
+        record = seeds.run_record(lambda path, rev=run["rev"]: read_at(rev, path), params, MODEL_ORDER,
+                                  params["evaluate"]["extra_test_sets"])
+        if not record["models"]:
+            print(f"{run['name']} (seed {seed}): no predictions found; is it finished?", file=sys.stderr)
+            continue
+        write_json(out_dir / f"seed-{seed}.json", {**record, "experiment": run["name"], "rev": run["rev"]})
+        written.append(seed)
+    return sorted(written)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, help="write the markdown table here as well")
-    args = parser.parse_args()
-    shown = subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout
-    runs = runs_from_exp_show(json.loads(shown))
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    import dvc.api
     import yaml
 
-    reference = _flat(yaml.safe_load(Path("params.yaml").read_text()))
-    chosen = same_but_seed(runs, reference)
-    seeds = sorted({r["params"].get("seed") for r in chosen})
-    if len(seeds) < 2:
-        print(f"error: found {len(chosen)} experiment(s) with the workspace's params apart from seed "
-              f"(seeds {seeds}); queue more with `dvc exp run --queue -S seed=N`", file=sys.stderr)
+    def read_at(rev: str, path: str) -> str | None:
+        try:
+            return dvc.api.read(path, repo=str(ROOT), rev=rev)
+        except Exception:  # noqa: BLE001 - the run has no such file (a model it did not evaluate, an unfinished run)
+            return None
+
+    load_params(ROOT / "params.yaml")  # a clear error for a broken workspace before reading any experiment
+    reference = yaml.safe_load((ROOT / "params.yaml").read_text())
+    shown = subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    written = collect(runs_from_exp_show(json.loads(shown)), reference, read_at, ROOT / seeds.FOLDER)
+    if not written:
+        print(f"error: no finished experiment with the workspace's params apart from seed (workspace seed "
+              f"{reference['seed']}); queue some with `dvc exp run --queue -S seed=N`", file=sys.stderr)
         return 2
-    text = to_markdown(aggregate(chosen), seeds)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    print(f"wrote {seeds.FOLDER}/seed-{{{','.join(map(str, written))}}}.json; now `dvc repro report`")
     return 0
 
 

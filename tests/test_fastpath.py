@@ -62,7 +62,7 @@ def test_compiled_layers_recompute_inside_their_graph_and_learn_the_same(tiny_mo
         torch._dynamo.reset()
         p = _params("lora_wide", **train)
         torch.manual_seed(1)  # LoRA's A matrices: the same draw in every run
-        model, levers = prepare_model(method_spec(p, "lora_wide"), p, tiny_model_dir, tiny_model_dir.parent)
+        model, levers, _ = prepare_model(method_spec(p, "lora_wide"), p, tiny_model_dir, tiny_model_dir.parent)
         model.train()
         assert ("compiled_layers" in levers) == (train["compile"] == "on")
         runs[name] = _loss_grads_saved(model, batch)
@@ -84,7 +84,7 @@ def test_4bit_linears_run_as_dequantize_and_linear_with_bitsandbytes_numbers(tin
 
     batch = _batch(tiny_tokenizer)
     p = _params("qlora", compile="off")
-    model, _ = prepare_model(method_spec(p, "qlora"), p, tiny_model_dir, tiny_model_dir.parent)
+    model, _, _ = prepare_model(method_spec(p, "qlora"), p, tiny_model_dir, tiny_model_dir.parent)
     model.train()
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     loss, grads, _ = _loss_grads_saved(model, batch)

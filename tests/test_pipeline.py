@@ -28,7 +28,9 @@ def _copy_repo(dst: Path) -> None:
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            check=True, capture_output=True, text=True).stdout.split()
     for rel in files:
-        if (rel.startswith(SKIP) and not rel.startswith("data/heldout/")) or not (ROOT / rel).is_file():
+        # data/ holds outputs, except the tracked inputs: the held-out sets and the seed records' folder (not the
+        # records: they belong to the embedded profile's params)
+        if (rel.startswith(SKIP) and not rel.startswith(("data/heldout/", "data/seeds/README"))) or not (ROOT / rel).is_file():
             continue
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, dst / rel)
@@ -330,6 +332,40 @@ def test_the_report_has_intervals_figures_showcase_and_plots(micro_repo):
         assert (repo / f"reports/{png}.png").read_bytes()[:4] == b"\x89PNG"
     _run(["dvc", "plots", "show", "-o", "plots_html"], repo, env)
     assert (repo / "plots_html/index.html").exists()
+
+
+def test_seed_records_with_the_workspaces_params_are_aggregated_in_the_report(micro_repo):
+    """Records of two more training seeds (made here from the run's own, with scores moved) give the report its
+    aggregate over three seeds; a record made with other params is named and left out."""
+    from ftstudy import seeds
+    from ftstudy.params import load_params, to_dict
+    from ftstudy.report import MODEL_ORDER, build_report
+
+    repo, _, _ = micro_repo
+    params = load_params(repo / "params.yaml")
+    own = seeds.run_record(lambda rel: (repo / rel).read_text() if (repo / rel).exists() else None,
+                           to_dict(params), MODEL_ORDER, params.evaluate.extra_test_sets)
+    folder = repo / seeds.FOLDER
+    try:
+        for k, seed in enumerate((params.seed + 1, params.seed + 2, params.seed + 3)):
+            rec = json.loads(json.dumps(own))
+            rec["seed"] = seed
+            for m in rec["models"].values():
+                m["rouge_l"] = [min(1.0, v + 0.01 * (k + 1)) for v in m["rouge_l"]]
+            if k == 2:
+                rec["params"] = {**rec["params"], "train.max_steps": params.train.max_steps + 1}
+            (folder / f"seed-{seed}.json").write_text(json.dumps(rec))
+        text, significance = build_report(params, repo)
+    finally:
+        for f in folder.glob("seed-*.json"):
+            f.unlink()
+    assert "## Across training seeds" in text and f"3 training seeds ({params.seed}, {params.seed + 1}, " in text
+    assert f"Records of seeds {params.seed + 3} in `data/seeds/` were made with other params" in text
+    agg = significance["seeds"]
+    assert agg["seeds"] == [params.seed, params.seed + 1, params.seed + 2]
+    assert len(agg["models"]["qlora"]["rouge_l"]["per_seed"]) == 3 and agg["models"]["qlora"]["rouge_l"]["sd"] > 0
+    assert "qlora-base" in agg["differences"] and "open_instructions" in agg["extra_test_sets"]
+    assert "This report has one training seed" in (repo / "REPORT.md").read_text()  # the stage's own run: one
 
 
 def test_a_bad_param_fails_first_with_a_clear_message(micro_repo):

@@ -284,7 +284,7 @@ def test_keep_activations_exempts_the_last_layers_from_checkpointing(tiny_model_
         params = _tiny_params(tiny_model_dir, 1)
         params = dataclasses.replace(params, train=dataclasses.replace(params.train, gradient_checkpointing=True,
                                                                        keep_activations=keep))
-        model, _ = prepare_model(method_spec(params, "lora_wide"), params, tiny_model_dir, tiny_model_dir.parent)
+        model, _, _ = prepare_model(method_spec(params, "lora_wide"), params, tiny_model_dir, tiny_model_dir.parent)
         layers = causal_lm(model).model.layers
         assert len(layers) > 1
         assert [layer.gradient_checkpointing for layer in layers] == [True] * (len(layers) - keep) + [False] * keep
