@@ -14,9 +14,9 @@ instruction tuning), the same learning rate, and an optimizer built by transform
   run (fused head loss, the levers of ftstudy.fastpath, layer-wise 8-bit GaLore, fused AdamW), with the
   same checkpointing;
 - with ``--budgets``, the project again in memory-budget mode (ftstudy.budget): for each fraction of the
-  baseline's peak memory, the rows per step (of ``--budget-rows``) and the checkpointed layers that the budget's
-  memory model predicts fit and rates fastest; its predicted peak is printed beside the measured one. These rows
-  spend memory on larger batches, so their loss is not the others' step for step;
+  baseline's peak memory, the most rows per step (of ``--budget-rows``) that the budget's memory model predicts
+  fit; its predicted peak is printed beside the measured one. These rows spend memory on larger batches, so
+  their loss is not the others' step for step;
 - with ``--trl``, a third: the project's model and optimizer, but the loss through TRL's fused LM head
   (``trl.trainer.utils.add_fused_lm_head``, what TRL's SFTTrainer uses) instead of ``ftstudy.loss``: an A/B of
   the two heads, everything else equal.
@@ -205,7 +205,7 @@ def train_step(model, opt, batch: dict, variant: str, cuda: bool) -> torch.Tenso
 
 def plan_budget(method: str, base_dir: Path, budget_gb: float, rows: list[int], seq_len: int):
     """The budget's plan: ftstudy.budget's probe of the project's model (uncompiled, as the training stages probe
-    it), then for each candidate rows per step the plan that fits; the one rated fastest."""
+    it), then the most candidate rows per step that fit."""
     from ftstudy import budget
     from ftstudy.errors import UserError
     from ftstudy.methods import method_spec
@@ -222,15 +222,12 @@ def plan_budget(method: str, base_dir: Path, budget_gb: float, rows: list[int], 
     del model
     gc.collect()
     torch.cuda.empty_cache()
-    plans = []
-    for n in rows:
+    for n in sorted(rows, reverse=True):
         try:
-            plans.append(budget.choose(probe, budget_gb, n, accumulate=False, seq_len=seq_len))
-        except UserError:  # these rows do not fit: a smaller candidate may
+            return budget.choose(probe, budget_gb, n, accumulate=False)
+        except UserError:  # these rows do not fit: fewer may
             continue
-    if not plans:
-        raise SystemExit(f"{method}: no candidate of --budget-rows fits {budget_gb:.2f} GB")
-    return max(plans, key=lambda p: p.score)
+    raise SystemExit(f"{method}: no candidate of --budget-rows fits {budget_gb:.2f} GB")
 
 
 def run_worker(method: str, variant: str, base_dir: Path, batches: list[dict], warmup: int,
@@ -242,7 +239,7 @@ def run_worker(method: str, variant: str, base_dir: Path, batches: list[dict], w
     if variant.startswith("budget="):
         seq_len = batches[0]["input_ids"].shape[1]
         plan = plan_budget(method, base_dir, float(variant.split("=")[1]), budget_rows, seq_len)
-        params = bench_params("project", cuda, plan.keep_activations, plan.checkpointing)
+        params = bench_params("project", cuda)  # every layer checkpointed, as a plan has it
         batches = make_batches(len(batches), plan.micro_batch, seq_len, vocab, prompt_frac)
         variant = "project"
     model, opt, levers, optim = build_variant(method, variant, base_dir, cuda, params)
@@ -398,11 +395,9 @@ def main(argv=None) -> list[dict]:
                 plan = b["plan"]
                 b_flops = flops_per_token(arch, args.seq_len, 1 - args.prompt_frac, full=lora is None,
                                           lora_r=lora.lora_r if lora else 0,
-                                          lora_modules=tuple(lora.target_modules) if lora else (),
-                                          recompute=(plan["layers"] - plan["keep_activations"]) / plan["layers"])
+                                          lora_modules=tuple(lora.target_modules) if lora else ())
                 rec["budgets"].append({
                     "fraction": fraction, "budget_gb": plan["budget_gb"], "rows": plan["micro_batch"],
-                    "keep_activations": plan["keep_activations"], "gradient_checkpointing": plan["gradient_checkpointing"],
                     "predicted_peak_gb": plan["predicted_peak_gb"], "peak_allocated_gb": b["peak_allocated_gb"],
                     "within_budget": b["peak_allocated_gb"] <= plan["budget_gb"],
                     "memory_ratio": round(b["peak_allocated_gb"] / base["peak_allocated_gb"], 3),
@@ -427,12 +422,12 @@ def main(argv=None) -> list[dict]:
               f"{r.get('memory_ratio', float('nan')):>9.2f} {r['baseline_loss']:>10.4f} {r['loss']:>10.4f} "
               f"{r['mfu'] if r['mfu'] is not None else '-':>6}")
     if any(r["budgets"] for r in records):
-        print(f"\n{'method':10} {'budget':>7} {'GB':>6} {'rows':>5} {'kept':>5} {'pred GB':>8} {'peak GB':>8} "
+        print(f"\n{'method':10} {'budget':>7} {'GB':>6} {'rows':>5} {'pred GB':>8} {'peak GB':>8} "
               f"{'mem ratio':>9} {'tok/s':>8} {'speedup':>8} {'MFU':>6}")
         for r in records:
             for b in r["budgets"]:
                 print(f"{r['method']:10} {b['fraction']:>6.2f}x {b['budget_gb']:>6.1f} {b['rows']:>5} "
-                      f"{b['keep_activations']:>5} {b['predicted_peak_gb']:>8.2f} {b['peak_allocated_gb']:>8.2f} "
+                      f"{b['predicted_peak_gb']:>8.2f} {b['peak_allocated_gb']:>8.2f} "
                       f"{b['memory_ratio']:>9.2f} {b['tokens_per_s']:>8.0f} {b['speedup']:>8.2f} {b['mfu']!s:>6}")
     if args.trl:
         print(f"\n{'method':10} {'ours tok/s':>11} {'TRL head tok/s':>15} {'TRL/ours':>9} {'ours GB':>8} {'TRL GB':>8} "

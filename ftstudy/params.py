@@ -121,9 +121,9 @@ class TrainParams:
     cuda_graphs: str = _spec(choices=FASTPATH_SETTINGS, doc="replay the compiled layers as CUDA graphs "
                              "(torch.compile reduce-overhead); auto = on wherever layers are compiled")
     memory_budget_gb: float = _spec(ge=0, doc="GPU memory a training may use (per device; above the card's: the "
-                                             "card's); > 0 measures the model and picks micro-batch and checkpointed "
-                                             "layers to fit it (ftstudy.budget), overriding gradient_checkpointing "
-                                             "and keep_activations; 0 = off")
+                                             "card's); > 0 measures the model and picks the micro-batch that fits it, "
+                                             "every layer checkpointed (ftstudy.budget), overriding "
+                                             "gradient_checkpointing and keep_activations; 0 = off")
     num_processes: int = _spec(ge=1, le=64, doc="workers (GPUs) per training stage; >1 launches it through torchrun")
     strategy: str = _spec(choices=STRATEGIES, doc="data parallelism with num_processes > 1: ddp or fsdp")
 
