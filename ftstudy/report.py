@@ -106,13 +106,21 @@ def build_report(params: Params, root: str | Path = ".") -> tuple[str, dict]:
 
 def _bootstrap(params: Params, root: Path, models: list[str]) -> PairedBootstrap:
     test = read_jsonl(root / "data/processed/test.jsonl")
-    boot = PairedBootstrap([r["response"] for r in test], params.report.bootstrap_resamples, params.data.seed,
-                           params.report.confidence)
-    for m in models:
-        rows = {r["id"]: r for r in read_jsonl(root / f"data/predictions/{m}.jsonl")}
-        ordered = [rows[r["id"]] for r in test]  # same item order for every system: the pairing
+    return _paired(params, [r["response"] for r in test], [r["id"] for r in test],
+                   {m: read_jsonl(root / f"data/predictions/{m}.jsonl") for m in models})
+
+
+def _paired(params: Params, references: list[str], ids: list[str], rows: dict[str, list[dict]]) -> PairedBootstrap:
+    """Every model's rows (predictions with their scores) over the same resampled items; exact match and the
+    reference loss where every row has them."""
+    boot = PairedBootstrap(references, params.report.bootstrap_resamples, params.data.seed, params.report.confidence)
+    for m, model_rows in rows.items():
+        by_id = {r["id"]: r for r in model_rows}
+        ordered = [by_id[i] for i in ids]  # the same items in the same order for every model: the pairing
         exact = [r["exact_match"] for r in ordered] if all("exact_match" in r for r in ordered) else None
-        boot.add(m, [r["prediction"] for r in ordered], [r["rouge_l_f1"] for r in ordered], exact)
+        loss = ({"loss": [r["reference_loss"] for r in ordered]}
+                if all("reference_loss" in r for r in ordered) else None)
+        boot.add(m, [r["prediction"] for r in ordered], [r["rouge_l_f1"] for r in ordered], exact, means=loss)
     return boot
 
 
@@ -180,13 +188,7 @@ def _heldout(params: Params, root: Path, models: list[str], boot: PairedBootstra
             continue
         rows = {m: read_jsonl(root / f"data/predictions/extra/{m}/{name}.jsonl") for m in have}
         ids = [r["id"] for r in rows[have[0]]]
-        ood = PairedBootstrap([r["reference"] for r in rows[have[0]]], params.report.bootstrap_resamples,
-                              params.data.seed, params.report.confidence)
-        for m in have:
-            by_id = {r["id"]: r for r in rows[m]}
-            ordered = [by_id[i] for i in ids]  # the same items in the same order: the pairing
-            ood.add(m, [r["prediction"] for r in ordered], [r["rouge_l_f1"] for r in ordered],
-                    means={"loss": [r["reference_loss"] for r in ordered]})
+        ood = _paired(params, [r["reference"] for r in rows[have[0]]], ids, rows)
         with_base = "base" in have
         table = []
         for m in have:
