@@ -71,7 +71,7 @@ def write_results(name: str, records: list[dict], predictions: list[str], extra:
     return metrics
 
 
-def _extra_sets(name: str, model, tokenizer, sets: dict[str, list[dict]], params: Params, out_dir: Path,
+def _extra_sets(model, tokenizer, sets: dict[str, list[dict]], params: Params, out_dir: Path,
                 progress: bool) -> dict:
     """Each out-of-distribution set answered (BLEU-4, ROUGE-L) and its references scored by teacher forcing; the
     rows go to ``out_dir/<set>.jsonl`` for the report's paired intervals."""
@@ -96,8 +96,8 @@ def _extra_sets(name: str, model, tokenizer, sets: dict[str, list[dict]], params
 
 def evaluate(name: str, model_dir: str | Path, base_dir: str | Path, test_path: str | Path, params: Params,
              predictions_path: str | Path, metrics_path: str | Path, showcase_path: str | Path,
-             progress: bool = True, extra_dir: str | Path | None = None) -> dict:
-    """``extra_dir``: where the rows of ``evaluate.extra_test_sets`` go (one file per set)."""
+             progress: bool = True) -> dict:
+    """The rows of ``evaluate.extra_test_sets`` go beside ``predictions_path``, to ``extra/<name>/<set>.jsonl``."""
     p = params.evaluate
     sets = read_test_sets(p.extra_test_sets)  # checked before a model is loaded
     records = read_jsonl(test_path)
@@ -112,8 +112,8 @@ def evaluate(name: str, model_dir: str | Path, base_dir: str | Path, test_path: 
     write_jsonl(showcase_path, _showcase(model, tokenizer, params))
     extra = {}
     if sets:
-        extra_dir = Path(extra_dir if extra_dir is not None else Path(predictions_path).parent / "extra" / name)
-        extra = {"extra_test_sets": _extra_sets(name, model, tokenizer, sets, params, extra_dir, progress)}
+        extra_dir = Path(predictions_path).parent / "extra" / name
+        extra = {"extra_test_sets": _extra_sets(model, tokenizer, sets, params, extra_dir, progress)}
     metrics = write_results(name, records, predictions, gen_stats, params, predictions_path, metrics_path,
                             extra_metrics=extra)
     journal.unlink()

@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 from ftstudy.errors import UserError
+from ftstudy.params import HELDOUT_DIR
 from ftstudy.prompt import tokenize_prompt
 from ftstudy.sources import CONVERTERS, Dropped
 
-FOLDER = Path("data/heldout")
+FOLDER = HELDOUT_DIR
 
 
 def set_name(path: str | Path) -> str:

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+HELDOUT_DIR = Path("data/heldout")  # evaluate.extra_test_sets live here; every evaluation depends on the folder
+
 SOURCES = ("alpaca", "tulu", "ultrachat")
 MODEL_SOURCES = ("gguf", "hub", "random", "tiny_random")
 ARCH_NAMES = ("gemma-3-1b",)  # ftstudy.arch.ARCHS (imported lazily there; kept in step by a test)
@@ -339,10 +341,10 @@ def _check_value(dotted: str, value: Any, tp, meta, problems: list[str]) -> bool
 def _cross_checks(p: Params, problems: list[str]) -> None:
     d = p.data
     sets = [Path(x) for x in p.evaluate.extra_test_sets]
-    outside = [str(x) for x in sets if x.parent != Path("data/heldout") or x.suffix != ".jsonl"]
+    outside = [str(x) for x in sets if x.parent != HELDOUT_DIR or x.suffix != ".jsonl"]
     if outside:
-        problems.append(f"evaluate.extra_test_sets: {outside} are not .jsonl files directly in data/heldout/, the "
-                        "folder every evaluation depends on; allowed: data/heldout/<name>.jsonl (move the file there)")
+        problems.append(f"evaluate.extra_test_sets: {outside} are not .jsonl files directly in {HELDOUT_DIR}/, the "
+                        f"folder every evaluation depends on; allowed: {HELDOUT_DIR}/<name>.jsonl (move the file there)")
     if len({x.stem for x in sets}) != len(sets):
         problems.append(f"evaluate.extra_test_sets: {[str(x) for x in sets]} repeat a file name; each set is named "
                         "by its file name, so give each a different one")
