@@ -266,7 +266,8 @@ def _seeds(params: Params, root: Path, models: list[str]) -> tuple[list[str], di
             "with its own training seed (adapter init, dropout, the order examples are taken in) on the same data, "
             "test items and learning rates (the sweeps ran once, with sweep.seed). Mean ± sd over seeds, then a "
             f"{pct} % interval from {len(main.seed_idx)} resamples that draw seeds and test items together, so it "
-            "covers both sources of chance; `*`: the interval excludes 0.", "",
+            "covers both sources of chance (with a handful of seeds the seeds' part is coarse); `*`: the interval "
+            "excludes 0.", "",
             _table(["model"] + [f"{METRICS[k][0]} mean ± sd [{pct} % CI]" for k in metrics]
                    + [f"{METRICS[k][0]} vs base" for k in metrics], rows), ""]
     json_out = {"seeds": sorted(used), "confidence": main.confidence, "resamples": len(main.seed_idx), "models": {

@@ -55,6 +55,16 @@ def same_but_seed(runs: list[dict], reference: dict) -> list[dict]:
     return list(by_seed.values())
 
 
+def finished(lock_text: str | None, seed: int) -> bool:
+    """Whether a run's dvc.lock records every training stage at ``seed``: a queued or running experiment shows
+    the params it asks for but the outputs (and lock) of the commit it started from."""
+    import yaml
+
+    stages = (yaml.safe_load(lock_text) or {}).get("stages", {}) if lock_text else {}
+    trainings = [s for name, s in stages.items() if name.startswith("train_")]
+    return bool(trainings) and all(s.get("params", {}).get("params.yaml", {}).get("seed") == seed for s in trainings)
+
+
 def collect(runs: list[dict], reference: dict, read_at, out_dir: Path) -> list[int]:
     """Write one record per run to ``out_dir``; ``read_at(rev, path)`` returns a file of that experiment or None.
     The workspace's own seed is skipped: the report reads it from the workspace."""
@@ -62,6 +72,10 @@ def collect(runs: list[dict], reference: dict, read_at, out_dir: Path) -> list[i
     for run in same_but_seed(runs, reference):
         seed = run["params"]["seed"]
         if seed == reference["seed"]:
+            continue
+        if not finished(read_at(run["rev"], "dvc.lock"), seed):
+            print(f"{run['name']} (seed {seed}): its dvc.lock does not record a training at seed {seed} (queued, "
+                  "running or failed): skipped", file=sys.stderr)
             continue
         params = to_dict(parse_params(run["params"]))
         record = seeds.run_record(lambda path, rev=run["rev"]: read_at(rev, path), params, MODEL_ORDER,
@@ -93,7 +107,7 @@ def main() -> int:
         print(f"error: no finished experiment with the workspace's params apart from seed (workspace seed "
               f"{reference['seed']}); queue some with `dvc exp run --queue -S seed=N`", file=sys.stderr)
         return 2
-    print(f"wrote {seeds.FOLDER}/seed-{{{','.join(map(str, written))}}}.json; now `dvc repro report`")
+    print("wrote " + ", ".join(f"{seeds.FOLDER}/seed-{s}.json" for s in written) + "; now `dvc repro report`")
     return 0
 
 

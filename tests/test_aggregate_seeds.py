@@ -44,9 +44,13 @@ def test_collect_writes_one_record_per_seed_of_the_workspaces_params_only(tmp_pa
                  {"name": "other", "revs": [_exp("other", "r5", _params(5, lr=0.5))]}]}]  # another rate
     ids = ["alpaca-1", "tulu-2"]
     files = {(rev, "data/predictions/qlora.jsonl"): _predictions(ids, [0.25 * k, 0.75]) for k, rev in
-             enumerate(["r2", "r3", "r4", "r5"])}
+             enumerate(["r2", "r3", "r4", "r5", "r6"])}
+    for rev, seed in (("r2", 2), ("r3", 3), ("r4", 42), ("r5", 5), ("r6", 42)):  # r6: still running, the old lock
+        files[(rev, "dvc.lock")] = yaml.safe_dump({"stages": {"train_qlora": {"params": {"params.yaml": {"seed": seed}}},
+                                                              "report": {"params": {"params.yaml": {"seed": 42}}}}})
+    shown[1]["experiments"].append({"name": "running", "revs": [_exp("running", "r6", _params(6))]})
     written = agg.collect(agg.runs_from_exp_show(shown), _params(42), lambda rev, path: files.get((rev, path)), tmp_path)
-    assert written == [2, 3]  # "own" is the workspace's run, "other" changed a rate
+    assert written == [2, 3]  # "own" is the workspace's run, "other" changed a rate, "running" has not finished
     record = json.loads((tmp_path / "seed-3.json").read_text())
     assert record["experiment"] == "exp-b" and record["models"]["qlora"]["rouge_l"] == [0.25, 0.75]
     assert record["models"]["qlora"]["exact_match"] == [0, 1] and record["params"] == seeds.comparable(
