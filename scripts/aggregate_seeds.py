@@ -9,9 +9,9 @@
 
 A seed experiment changes the training seed only: data.seed and sweep.seed keep the data, test items and
 learning rates, so it reruns the trainings, their evaluations, the re-rank and the report (not the data, the
-sweeps or the base's evaluation). Experiments are listed by `dvc exp show --json`; only those whose params equal
-the workspace's apart from `seed` are collected, so an unrelated experiment never slips into the aggregate. Each
-writes ``data/seeds/seed-<N>.json``: its per-item scores (ftstudy.seeds.run_record), read from the DVC cache.
+sweeps or the base's evaluation). Experiments are listed by `dvc exp show --all-commits --json`; only those
+whose params equal the workspace's apart from `seed` are collected, so an unrelated experiment never slips into
+the aggregate. Each writes ``data/seeds/seed-<N>.json``: its per-item scores (ftstudy.seeds.run_record), read from the DVC cache.
 """
 
 from __future__ import annotations
@@ -101,7 +101,9 @@ def main() -> int:
 
     load_params(ROOT / "params.yaml")  # a clear error for a broken workspace before reading any experiment
     reference = yaml.safe_load((ROOT / "params.yaml").read_text())
-    shown = subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    # Every commit's experiments: committing (the records, say) after queueing must not hide them.
+    shown = subprocess.run(["dvc", "exp", "show", "--all-commits", "--json"], check=True, capture_output=True,
+                           text=True, cwd=ROOT).stdout
     written = collect(runs_from_exp_show(json.loads(shown)), reference, read_at, ROOT / seeds.FOLDER)
     if not written:
         print(f"error: no finished experiment with the workspace's params apart from seed (workspace seed "
