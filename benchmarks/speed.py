@@ -104,14 +104,13 @@ def mfu(tokens_per_s: float, flops: float, device: str) -> float | None:
     return round(tokens_per_s * flops / peak, 4) if peak else None
 
 
-def bench_params(variant: str, cuda: bool, keep_activations: int = 0, checkpointing: bool = True,
-                 **train) -> Params:
+def bench_params(variant: str, cuda: bool, keep_activations: int = 0, **train) -> Params:
     p = dataclasses.replace(default_params(), profile="benchmark")
     ours = variant != "baseline"
     galore = (PROJECT_GALORE if ours else BASELINE_GALORE)[cuda]
     return dataclasses.replace(
-        p, train=dataclasses.replace(p.train, gradient_checkpointing=checkpointing, weight_decay=0.0,
-                                     keep_activations=keep_activations if ours and checkpointing else 0, **train),
+        p, train=dataclasses.replace(p.train, gradient_checkpointing=True, weight_decay=0.0,
+                                     keep_activations=keep_activations if ours else 0, **train),
         train_qlora=dataclasses.replace(p.train_qlora, lora_dropout=0.0, learning_rate=1e-4),
         train_lora_wide=dataclasses.replace(p.train_lora_wide, lora_dropout=0.0, learning_rate=1e-4),
         train_galore=dataclasses.replace(p.train_galore, optimizer=galore, learning_rate=1e-5),
