@@ -5,7 +5,7 @@
     python benchmarks/generation.py --arch tiny --prompts 16 --max-new-tokens 8         # CPU smoke
 
 Both decoders of ``generate()`` run on the same prompts in one process: ``hf`` (transformers' ``generate``)
-and ``ftstudy`` (``ftstudy.decode``); each row prints its speed-up over ``hf`` at the same batch size and the
+and ``ftstudy`` (``ftstudy.decode``); with ``--rerank-k`` the re-rank stage's sampling too; each row prints its speed-up over ``hf`` at the same batch size and the
 share of answers identical to ``hf``'s. The prompts are the project's own instruction rows (the test split's
 templates), tokenized by Gemma 3's tokenizer with ``--tokenizer`` (realistic lengths) or else by a small BPE
 tokenizer whose ids are valid in any vocabulary. A random model almost never emits EOS, so every row
@@ -51,6 +51,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--batch-tokens", type=int, default=0, help="evaluate.batch_tokens (0 = no cap)")
     parser.add_argument("--decoder", nargs="+", default=["hf", "ftstudy"], choices=["hf", "ftstudy"])
     parser.add_argument("--tokenizer", type=Path, help="a Gemma 3 tokenizer folder (default: a small BPE one)")
+    parser.add_argument("--rerank-k", type=int, default=0,
+                        help="also time the evaluate_rerank stage's rerank() (k sampled candidates per prompt, "
+                             "scored by the same model) with each decoder; batch size = the first --batch-size")
     parser.add_argument("--profile", action="store_true", help="print the kernels of one short batch")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -103,6 +106,26 @@ def main(argv=None) -> list[dict]:
         print(json.dumps(rec), flush=True)
         if args.out:  # after every row: a run cut short keeps what it measured
             args.out.write_text(json.dumps(results, indent=2) + "\n")
+    if args.rerank_k:
+        from ftstudy.rerank import rerank
+
+        r = default_params().rerank
+        for decoder in args.decoder:
+            start = time.perf_counter()
+            _, _, timing = rerank(model, model, tokenizer, recs, k=args.rerank_k, temperature=r.temperature,
+                                  top_p=r.top_p, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size[0],
+                                  max_prompt_tokens=args.max_prompt_tokens, seed=0, progress=False,
+                                  decoder="auto" if decoder == "ftstudy" else "hf")
+            seconds = time.perf_counter() - start
+            rec = {"arch": args.arch, "device": torch.cuda.get_device_name() if cuda else "cpu", "task": "rerank",
+                   "prompts": len(recs), "k": args.rerank_k, "batch_size": args.batch_size[0], **timing,
+                   "max_new_tokens": args.max_new_tokens, "seconds": round(seconds, 2),
+                   "prompts_per_s": round(len(recs) / seconds, 2),
+                   "extrapolated_study_minutes": round(STUDY_PROMPTS / len(recs) * seconds / 60, 2)}
+            results.append(rec)
+            print(json.dumps(rec), flush=True)
+            if args.out:
+                args.out.write_text(json.dumps(results, indent=2) + "\n")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -113,6 +136,11 @@ def main(argv=None) -> list[dict]:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=70))
     print(f"{'decoder':>12} {'batch':>6} {'tokens/s':>10} {'study min':>9} {'vs hf':>6} {'same':>6}")
     for r in results:
+        if r.get("task") == "rerank":
+            print(f"rerank k={r['k']} {r['decoder']:>12} {r['batch_size']:>6} {r['prompts_per_s']:>8} prompts/s "
+                  f"{r['extrapolated_study_minutes']:>9} study min (propose {r['propose_seconds']} s, "
+                  f"score {r['score_seconds']} s)")
+            continue
         print(f"{r['decoder']:>12} {r['batch_size']:>6} {r['generated_tokens_per_s']:>10,.0f} "
               f"{r['extrapolated_study_minutes']:>9} {r.get('speedup_vs_hf', ''):>6} {r.get('same_answers_as_hf', ''):>6}")
     return results

@@ -20,6 +20,11 @@ instruction tuning), the same learning rate, and an optimizer built by transform
 - with ``--trl``, a third: the project's model and optimizer, but the loss through TRL's fused LM head
   (``trl.trainer.utils.add_fused_lm_head``, what TRL's SFTTrainer uses) instead of ``ftstudy.loss``: an A/B of
   the two heads, everything else equal.
+- with ``--unsloth`` (LoRA methods, GPU, ``--tokenizer`` naming a Gemma 3 tokenizer its loader needs): Unsloth's
+  Gemma 3 path (``FastModel``: its 4-bit or 16-bit load, its LoRA, its loss through ``model(..., labels=...)``) on
+  the same weights, batches, learning rate and optimizer, twice: with its default checkpointing
+  (``use_gradient_checkpointing="unsloth"``, activations offloaded to CPU memory) and with none (its fastest
+  setting when memory allows). Unsloth must be importable (it needs transformers <= 5.17, see docs/gpu-speed.md).
 
 Each variant runs in its own process: Liger patches transformers' Gemma 3 module and compiled code stays
 cached, either of which would leak into a variant measured after it. LoRA dropout is 0 in both, so the
@@ -34,6 +39,8 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -155,7 +162,24 @@ def make_optimizer(model, optim_kwargs: dict, lr: float, cuda: bool, workdir: Pa
     return trainer_class(model=model, args=args).create_optimizer()
 
 
-def build_variant(method: str, variant: str, base_dir: Path, cuda: bool, params: Params | None = None):
+# Unsloth's variants: its default checkpointing (offloaded to CPU memory) and none at all.
+UNSLOTH_CHECKPOINTING = {"unsloth": "unsloth", "unsloth_no_checkpointing": False}
+
+
+def build_unsloth(spec, variant: str, base_dir: Path, seq_len: int):
+    """Unsloth's Gemma 3 recipe for ``spec`` (its loader, LoRA and checkpointing; LoRA dropout 0 as elsewhere)."""
+    from unsloth import FastModel  # before transformers and peft: it patches them on import
+
+    model, _ = FastModel.from_pretrained(model_name=str(base_dir), max_seq_length=seq_len, dtype=torch.bfloat16,
+                                         load_in_4bit=spec.quantize_4bit, full_finetuning=False,
+                                         local_files_only=True)
+    return FastModel.get_peft_model(model, r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=0.0, bias="none",
+                                    target_modules=list(spec.lora.target_modules), random_state=1,
+                                    use_gradient_checkpointing=UNSLOTH_CHECKPOINTING[variant])
+
+
+def build_variant(method: str, variant: str, base_dir: Path, cuda: bool, params: Params | None = None,
+                  seq_len: int = 0):
     """Model, optimizer, applied levers and optimizer name of one variant, checkpointing on in both."""
     from ftstudy.methods import method_spec, optimizer_kwargs
     from ftstudy.prepare import enable_checkpointing, prepare_model
@@ -167,6 +191,10 @@ def build_variant(method: str, variant: str, base_dir: Path, cuda: bool, params:
         model, levers = build_baseline(spec, base_dir, cuda), []
         okw = {**optimizer_kwargs(spec), "optim": spec.optimizer}  # GaLore's targets alike; no fused AdamW
         enable_checkpointing(model, 0)  # every layer, as Trainer(gradient_checkpointing=True) does
+    elif variant in UNSLOTH_CHECKPOINTING:
+        model = build_unsloth(spec, variant, base_dir, seq_len)
+        levers = [f"unsloth_checkpointing={UNSLOTH_CHECKPOINTING[variant]}"]
+        okw = {**optimizer_kwargs(spec), "optim": spec.optimizer}  # the baseline's optimizer, built alike
     else:
         model, levers, _ = prepare_model(spec, params, base_dir, base_dir.parent)  # checkpointing as params say
         if not spec.quantize_4bit:
@@ -181,7 +209,8 @@ def build_variant(method: str, variant: str, base_dir: Path, cuda: bool, params:
             levers = [lv for lv in levers if lv != "fused_linear_cross_entropy"] + ["trl_fused_lm_head"]
     model.train()
     with tempfile.TemporaryDirectory() as td:
-        opt = make_optimizer(model, okw, spec.learning_rate, cuda, Path(td), variant != "baseline")
+        opt = make_optimizer(model, okw, spec.learning_rate, cuda, Path(td),
+                             variant not in ("baseline", *UNSLOTH_CHECKPOINTING))
     return model, opt, levers, okw["optim"]
 
 
@@ -190,7 +219,7 @@ def train_step(model, opt, batch: dict, variant: str, cuda: bool) -> torch.Tenso
     from ftstudy.loss import completion_loss
 
     with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
-        if variant == "baseline":
+        if variant == "baseline" or variant in UNSLOTH_CHECKPOINTING:  # the model's own loss (Unsloth's is fused)
             loss = model(**batch).loss
         elif variant == "trl":
             loss = model(**batch, fused_lm_head=True).loss
@@ -241,7 +270,7 @@ def run_worker(method: str, variant: str, base_dir: Path, batches: list[dict], w
         params = bench_params("project", cuda)  # every layer checkpointed, as a plan has it
         batches = make_batches(len(batches), plan.micro_batch, seq_len, vocab, prompt_frac)
         variant = "project"
-    model, opt, levers, optim = build_variant(method, variant, base_dir, cuda, params)
+    model, opt, levers, optim = build_variant(method, variant, base_dir, cuda, params, batches[0]["input_ids"].shape[1])
     times, losses = [], []
     if cuda:
         torch.cuda.synchronize()
@@ -325,16 +354,25 @@ def main(argv=None) -> list[dict]:
                         help="rows per step the budget rows may choose from (the same --seq-len)")
     parser.add_argument("--trl", action="store_true",
                         help="also run the project's path with TRL's fused LM head as its loss (an A/B of the heads)")
+    parser.add_argument("--unsloth", action="store_true",
+                        help="also run Unsloth's Gemma 3 path for the LoRA methods (GPU; needs --tokenizer)")
+    parser.add_argument("--tokenizer", type=Path,
+                        help="a saved Gemma 3 tokenizer, copied beside the random weights (Unsloth's loader reads it)")
     parser.add_argument("--trace-dir", type=Path,
                         help="profile 4 steps after the timed ones' start in every variant; tables written there")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "VARIANT", "BASE_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
+    if args.unsloth and not (cuda and args.tokenizer and (args.tokenizer / "tokenizer.json").is_file()):
+        parser.error("--unsloth needs a CUDA GPU and --tokenizer DIR holding a Gemma 3 tokenizer.json "
+                     "(e.g. an embedded run's models/base)")
     arch = GEMMA3_1B if args.arch == "gemma-3-1b" else TINY
     batches = make_batches(args.warmup + args.steps, args.batch, args.seq_len, arch["vocab_size"], args.prompt_frac)
     if args.worker:
         method, variant, base_dir = args.worker
+        if variant in UNSLOTH_CHECKPOINTING:
+            import unsloth  # noqa: F401  (first: it patches transformers, peft and trl as they are imported)
         print("WORKER " + json.dumps(run_worker(method, variant, Path(base_dir), batches, args.warmup,
                                                 args.keep_activations, args.trace_dir, args.budget_rows,
                                                 args.prompt_frac, arch["vocab_size"])), flush=True)
@@ -346,13 +384,18 @@ def main(argv=None) -> list[dict]:
     with tempfile.TemporaryDirectory() as td:
         base_dir = Path(td) / "base"
         build_base(arch, base_dir, cuda)
+        if args.unsloth:
+            for f in args.tokenizer.glob("tokenizer*"):
+                shutil.copy(f, base_dir / f.name)
         shared = ["--arch", args.arch, "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--prompt-frac",
                   str(args.prompt_frac), "--steps", str(args.steps), "--warmup", str(args.warmup),
                   "--keep-activations", str(args.keep_activations), "--budget-rows", *map(str, args.budget_rows),
                   *(["--trace-dir", str(args.trace_dir.resolve())] if args.trace_dir else [])]
         def worker(method: str, variant: str) -> dict:
+            # Unsloth would otherwise fetch a README from the hub to count its users.
+            env = {**os.environ, "UNSLOTH_DISABLE_STATISTICS": "1"} if variant in UNSLOTH_CHECKPOINTING else None
             proc = subprocess.run([sys.executable, __file__, *shared, "--worker", method, variant, str(base_dir)],
-                                  capture_output=True, text=True)
+                                  capture_output=True, text=True, env=env)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("WORKER ")]
             if proc.returncode or not lines:
                 sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
@@ -363,7 +406,10 @@ def main(argv=None) -> list[dict]:
             return json.loads(lines[-1][len("WORKER "):])
 
         for method in args.methods:
-            got = {v: worker(method, v) for v in (("baseline", "project", "trl") if args.trl else ("baseline", "project"))}
+            variants = ["baseline", "project"] + (["trl"] if args.trl else [])
+            if args.unsloth and method != "galore":  # Unsloth trains adapters; it has no GaLore
+                variants += list(UNSLOTH_CHECKPOINTING)
+            got = {v: worker(method, v) for v in variants}
             base, ours = got["baseline"], got["project"]
             rec = {"method": method, "device": torch.cuda.get_device_name() if cuda else "cpu", "arch": args.arch,
                    "batch": args.batch, "seq_len": args.seq_len, "prompt_frac": args.prompt_frac,
@@ -390,7 +436,11 @@ def main(argv=None) -> list[dict]:
                        baseline_mfu=mfu(base["tokens_per_s"], flops, rec["device"]))
             rec["budgets"] = []
             for fraction in args.budgets if cuda else []:
-                b = worker(method, f"budget={fraction * base['peak_allocated_gb']:.3f}")
+                try:
+                    b = worker(method, f"budget={fraction * base['peak_allocated_gb']:.3f}")
+                except SystemExit as err:  # no candidate fits the predicted memory: say so, measure the rest
+                    rec["budgets"].append({"fraction": fraction, "error": str(err)})
+                    continue
                 plan = b["plan"]
                 b_flops = flops_per_token(arch, args.seq_len, 1 - args.prompt_frac, full=lora is None,
                                           lora_r=lora.lora_r if lora else 0,
@@ -411,8 +461,19 @@ def main(argv=None) -> list[dict]:
                 if cuda:
                     rec.update(trl_peak_allocated_gb=t["peak_allocated_gb"],
                                trl_steady_peak_allocated_gb=t["steady_peak_allocated_gb"])
+            rec["unsloth"] = [{
+                "variant": v, "checkpointing": UNSLOTH_CHECKPOINTING[v], "tokens_per_s": got[v]["tokens_per_s"],
+                "speedup": round(got[v]["tokens_per_s"] / base["tokens_per_s"], 3),
+                "project_vs_unsloth": round(ours["tokens_per_s"] / got[v]["tokens_per_s"], 3),
+                "peak_allocated_gb": got[v]["peak_allocated_gb"], "peak_reserved_gb": got[v]["peak_reserved_gb"],
+                "memory_ratio": round(got[v]["peak_allocated_gb"] / base["peak_allocated_gb"], 3),
+                "mfu": mfu(got[v]["tokens_per_s"], flops, rec["device"]), "loss": got[v]["loss"],
+                "losses": got[v]["losses"], "first_step_s": got[v]["first_step_s"]}
+                for v in UNSLOTH_CHECKPOINTING if v in got]
             records.append(rec)
             print(json.dumps({k: v for k, v in rec.items() if "losses" not in k}), flush=True)
+            if args.out:  # after every method, so a run cut short by a time limit keeps what it measured
+                args.out.write_text(json.dumps(records, indent=2) + "\n")
     print(f"\n{'method':10} {'base tok/s':>11} {'ours tok/s':>11} {'speedup':>8} {'base GB':>8} {'ours GB':>8} "
           f"{'mem ratio':>9} {'base loss':>10} {'ours loss':>10} {'MFU':>6}")
     for r in records:
@@ -425,9 +486,22 @@ def main(argv=None) -> list[dict]:
               f"{'mem ratio':>9} {'tok/s':>8} {'speedup':>8} {'MFU':>6}")
         for r in records:
             for b in r["budgets"]:
+                if "error" in b:
+                    print(f"{r['method']:10} {b['fraction']:>6.2f}x  {b['error']}")
+                    continue
                 print(f"{r['method']:10} {b['fraction']:>6.2f}x {b['budget_gb']:>6.1f} {b['rows']:>5} "
                       f"{b['predicted_peak_gb']:>8.2f} {b['peak_allocated_gb']:>8.2f} "
                       f"{b['memory_ratio']:>9.2f} {b['tokens_per_s']:>8.0f} {b['speedup']:>8.2f} {b['mfu']!s:>6}")
+    if any(r["unsloth"] for r in records):
+        print(f"\n{'method':10} {'variant':25} {'tok/s':>8} {'vs plain':>8} {'ours/it':>8} {'peak GB':>8} "
+              f"{'mem ratio':>9} {'loss':>8} {'MFU':>6}")
+        for r in records:
+            for u in [{"variant": "ours", "tokens_per_s": r["tokens_per_s"], "speedup": r["speedup"],
+                       "project_vs_unsloth": 1.0, "peak_allocated_gb": r.get("peak_allocated_gb"),
+                       "memory_ratio": r.get("memory_ratio"), "loss": r["loss"], "mfu": r["mfu"]}] + r["unsloth"]:
+                print(f"{r['method']:10} {u['variant']:25} {u['tokens_per_s']:>8.0f} {u['speedup']:>8.2f} "
+                      f"{u['project_vs_unsloth']:>8.2f} {u['peak_allocated_gb']:>8.2f} {u['memory_ratio']:>9.2f} "
+                      f"{u['loss']:>8.4f} {u['mfu']!s:>6}")
     if args.trl:
         print(f"\n{'method':10} {'ours tok/s':>11} {'TRL head tok/s':>15} {'TRL/ours':>9} {'ours GB':>8} {'TRL GB':>8} "
               f"{'ours loss':>10} {'TRL loss':>10}")

@@ -1,4 +1,4 @@
-"""Greedy decoding with a preallocated KV cache: the same tokens as transformers' ``generate``, faster.
+"""Greedy and sampled decoding with a preallocated KV cache: what transformers' ``generate`` does, faster.
 
 transformers' ``generate`` launches every kernel of every layer from Python at each new token, grows its cache
 by concatenation and rebuilds the attention masks each step; at a few hundred rows a step of a 1B model costs
@@ -10,6 +10,9 @@ row has emitted EOS.
 
 The model is transformers' own (any layer mix of full and sliding-window attention named in
 ``config.layer_types``, e.g. Gemma 3), called with the masks already built, so the arithmetic is its own.
+``greedy`` produces the same tokens as ``generate(do_sample=False)``; ``sample`` draws from the same distribution
+as ``generate(do_sample=True, temperature=..., top_p=...)`` (temperature, then the nucleus) but not the same
+draws: the random numbers are consumed differently.
 """
 
 from __future__ import annotations
@@ -57,12 +60,63 @@ def _cache_kwarg(model) -> str:
 
 @torch.inference_mode()
 def greedy(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos_id: int,
-           cuda_graph: bool = True, check_every: int = 16) -> torch.Tensor:
+           cuda_graph: bool = True, check_every: int | None = None) -> torch.Tensor:
     """(rows, ``max_new_tokens``) greedy continuations of left-padded ``ids`` (``mask`` 1 on prompt tokens).
 
     A row's tokens after its first EOS are unspecified (the caller cuts there); decoding stops early once every
-    row has produced EOS, checked every ``check_every`` tokens.
+    row has produced EOS, checked every ``check_every`` tokens (default: every token on a CPU, where the check
+    costs nothing; every 16 on a GPU, where it waits for the device).
     """
+    return _decode(model, ids, mask, max_new_tokens, eos_id, lambda logits: logits.argmax(-1), cuda_graph,
+                   check_every)
+
+
+@torch.inference_mode()
+def sample(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos_id: int, *, temperature: float,
+           top_p: float, cuda_graph: bool = True, check_every: int | None = None) -> torch.Tensor:
+    """Like ``greedy``, each token drawn from softmax(logits / ``temperature``) cut to its nucleus: the most
+    likely tokens until their mass reaches ``top_p`` (the token that crosses it included). Draws use torch's
+    default generator, so ``torch.manual_seed`` makes them repeatable on one machine."""
+    if not (temperature > 0 and 0 < top_p <= 1):
+        raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, not {temperature}, {top_p}")
+    # On a GPU the step is a CUDA graph, which cannot branch on data: sort the whole vocabulary (cheap there).
+    whole = ids.device.type == "cuda"
+    return _decode(model, ids, mask, max_new_tokens, eos_id,
+                   lambda logits: nucleus_draw(logits, temperature, top_p, whole_vocabulary=whole),
+                   cuda_graph, check_every)
+
+
+def nucleus_draw(logits: torch.Tensor, temperature: float, top_p: float, whole_vocabulary: bool = False,
+                 shortlist: int = 256) -> torch.Tensor:
+    """One token per row of ``logits`` (rows, vocabulary), drawn from the temperature-scaled nucleus.
+
+    Sorting a 262k-entry vocabulary for every row and step is what makes transformers' sampling slow on a CPU;
+    the nucleus is usually a handful of tokens, so the ``shortlist`` most likely are tried first and the whole
+    vocabulary is sorted only for a batch where some row's nucleus reaches past them (or when
+    ``whole_vocabulary``). Either way the nucleus, and so the distribution, is the same.
+    """
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1:
+        vals, idx = probs, None
+    else:
+        k = probs.shape[-1] if whole_vocabulary else min(shortlist, probs.shape[-1])
+        vals, idx = probs.topk(k, dim=-1) if k < probs.shape[-1] else probs.sort(dim=-1, descending=True)
+        before = vals.cumsum(-1) - vals  # the mass of more likely tokens
+        if k < probs.shape[-1] and not bool((before[:, -1] >= top_p).all()):
+            return nucleus_draw(logits, temperature, top_p, whole_vocabulary=True)
+        vals = vals.masked_fill(before >= top_p, 0.0)
+    # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) picks i with probability p_i / sum(p). Unlike
+    # torch.multinomial it needs no normalisation, costs one pass and records in a CUDA graph.
+    race = vals / torch.empty_like(vals).exponential_().clamp_(min=torch.finfo(vals.dtype).tiny)
+    choice = race.argmax(-1)
+    return choice if idx is None else idx.gather(-1, choice[:, None])[:, 0]
+
+
+def _decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos_id: int, pick,
+            cuda_graph: bool, check_every: int | None) -> torch.Tensor:
+    """The decoding loop; ``pick`` turns the last position's logits (rows, vocabulary) into the next tokens."""
+    if check_every is None:
+        check_every = 16 if ids.device.type == "cuda" else 1
     config, device = model.config, ids.device
     rows, width = ids.shape
     cols = width + max_new_tokens
@@ -94,7 +148,7 @@ def greedy(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eo
         kv.cols = q
         out = model(input_ids=tokens, position_ids=positions, attention_mask=masks(q), use_cache=True,
                     logits_to_keep=1, **{cache_kw: kv})
-        return out.logits[:, -1].argmax(-1)
+        return pick(out.logits[:, -1])
 
     # Prefill: positions count real tokens only (transformers' convention for left padding).
     positions = (mask.long().cumsum(-1) - 1).clamp_(min=0)

@@ -13,8 +13,9 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from ftstudy import decode
 from ftstudy.generation import left_pad
-from ftstudy.loss import head_ce
+from ftstudy.loss import _chunk_rows, head_ce
 from ftstudy.models import causal_lm
 from ftstudy.prompt import clean_generation, tokenize_prompt
 
@@ -24,7 +25,8 @@ def mean_logprob(model, prompt_ids: list[list[int]], completion_ids: list[list[i
     """Mean log-probability of each completion's tokens given its prompt.
 
     One decoder pass per batch; the vocabulary projection runs only at completion positions (the same
-    trick as the training loss), so scoring k candidates does not build k full-vocabulary logit tensors.
+    trick as the training loss), so scoring k candidates does not build k full-vocabulary logit tensors, and
+    over as many of them at a time as ``ftstudy.loss`` allows its logits.
     """
     seqs = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
     ids, mask = left_pad(seqs, pad_id)
@@ -38,7 +40,11 @@ def mean_logprob(model, prompt_ids: list[list[int]], completion_ids: list[list[i
     for row, c in enumerate(completion_ids):
         keep[row, width - len(c):] = True
     targets = ids[:, 1:][keep[:, 1:]]
-    nll = head_ce(lm, hidden[:, :-1][keep[:, 1:]], targets, reduction="none")
+    # A chunk of positions at a time: a GPU batch of candidates can hold a million of them, and their logits
+    # at once would not fit any card.
+    chunk = _chunk_rows(lm.config.vocab_size)
+    nll = torch.cat([head_ce(lm, h, t, reduction="none")
+                     for h, t in zip(hidden[:, :-1][keep[:, 1:]].split(chunk), targets.split(chunk), strict=True)])
     lengths = [len(c) for c in completion_ids]
     return [float(-part.mean()) for part in torch.split(nll, lengths)]
 
@@ -46,8 +52,15 @@ def mean_logprob(model, prompt_ids: list[list[int]], completion_ids: list[list[i
 @torch.inference_mode()
 def rerank(proposer, scorer, tokenizer, records: list[dict], *, k: int, temperature: float, top_p: float,
            max_new_tokens: int, batch_size: int, max_prompt_tokens: int, seed: int,
-           progress: bool = True) -> tuple[list[str], list[list[str]], dict]:
-    """(chosen answer per record, all candidates per record, timing statistics)."""
+           progress: bool = True, decoder: str = "auto") -> tuple[list[str], list[list[str]], dict]:
+    """(chosen answer per record, all candidates per record, timing statistics).
+
+    ``decoder`` as in ``ftstudy.generation.generate``: ``auto`` samples with ``ftstudy.decode.sample`` where the
+    proposer supports it, ``hf`` with transformers' ``generate``; same distribution, different draws.
+    """
+    if decoder not in ("auto", "hf"):
+        raise ValueError(f"decoder must be 'auto' or 'hf', not {decoder!r}")
+    own = decoder == "auto" and decode.supports(proposer)
     encoded = [tokenize_prompt(tokenizer, r, max_prompt_tokens) for r in records]
     order = sorted(range(len(records)), key=lambda i: len(encoded[i]), reverse=True)
     chosen, candidates = [""] * len(records), [[] for _ in records]
@@ -59,11 +72,17 @@ def rerank(proposer, scorer, tokenizer, records: list[dict], *, k: int, temperat
     for batch in tqdm(batches, desc="rerank", disable=not progress, unit="batch"):
         t0 = time.perf_counter()
         ids, mask = left_pad([encoded[i] for i in batch], tokenizer.pad_token_id)
-        out = proposer.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            do_sample=True, temperature=temperature, top_p=top_p, top_k=None, num_return_sequences=k,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        )[:, ids.shape[1]:]
+        ids, mask = ids.to(device), mask.to(device)
+        if own:  # k rows per prompt, next to each other as generate's num_return_sequences lays them out
+            out = decode.sample(proposer, ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0),
+                                max_new_tokens, tokenizer.eos_token_id, temperature=temperature, top_p=top_p)
+        else:
+            out = proposer.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                do_sample=True, temperature=temperature, top_p=top_p, top_k=None, num_return_sequences=k,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            )[:, ids.shape[1]:]
+        out = out.cpu()
         t1 = time.perf_counter()
         prompts, completions, owners, texts = [], [], [], []
         for row in range(out.shape[0]):
@@ -87,4 +106,5 @@ def rerank(proposer, scorer, tokenizer, records: list[dict], *, k: int, temperat
         propose_s += t1 - t0
         score_s += time.perf_counter() - t1
     return chosen, candidates, {"propose_seconds": round(propose_s, 2), "score_seconds": round(score_s, 2),
-                                "generate_seconds": round(propose_s + score_s, 2)}
+                                "generate_seconds": round(propose_s + score_s, 2),
+                                "decoder": "ftstudy" if own else "transformers"}

@@ -29,11 +29,13 @@ def test_tiny_generation_benchmark_runs_the_evaluate_path(tmp_path):
     gen = importlib.util.module_from_spec(gspec)
     gspec.loader.exec_module(gen)
     out = tmp_path / "gen.json"
-    records = gen.main(["--arch", "tiny", "--prompts", "12", "--max-new-tokens", "4", "--batch-size", "5",
-                        "--out", str(out)])
-    assert out.exists() and [r["decoder"] for r in records] == ["transformers", "ftstudy"]
-    assert all(r["prompts"] == 12 and r["generated_tokens"] == 48 for r in records)  # a random model: no EOS
-    assert records[1]["same_answers_as_hf"] == 1.0 and records[1]["speedup_vs_hf"] > 0
+    records = gen.main(["--arch", "tiny", "--prompts", "12", "--max-new-tokens", "4", "--batch-size", "6",
+                        "--rerank-k", "3", "--out", str(out)])
+    assert out.exists() and [r["decoder"] for r in records] == ["transformers", "ftstudy"] * 2
+    greedy, reranked = records[:2], records[2:]
+    assert all(r["prompts"] == 12 and r["generated_tokens"] == 48 for r in greedy)  # a random model: no EOS
+    assert greedy[1]["same_answers_as_hf"] == 1.0 and greedy[1]["speedup_vs_hf"] > 0
+    assert all(r["task"] == "rerank" and r["k"] == 3 and r["propose_seconds"] > 0 for r in reranked)
 
 
 def test_speed_counts_model_flops_per_token_as_written_down():
