@@ -6,9 +6,10 @@
 
 Both decoders of ``generate()`` run on the same prompts in one process: ``hf`` (transformers' ``generate``)
 and ``ftstudy`` (``ftstudy.decode``); each row prints its speed-up over ``hf`` at the same batch size and the
-share of answers identical to ``hf``'s; ``--rerank-k`` times the re-rank stage's sampling and scoring too. The prompts are the project's own instruction rows (the test split's
-templates), tokenized by Gemma 3's tokenizer with ``--tokenizer`` (realistic lengths) or else by a small BPE
-tokenizer whose ids are valid in any vocabulary. A random model almost never emits EOS, so every row
+share of answers identical to ``hf``'s; ``--rerank-k`` times the re-rank stage's sampling and scoring too.
+The prompts are the project's own instruction rows (the test split's templates), tokenized by Gemma 3's
+tokenizer with ``--tokenizer`` (realistic lengths) or else by a small BPE tokenizer whose ids are valid in any
+vocabulary. A random model almost never emits EOS, so every row
 generates the full ``--max-new-tokens``: the worst case of the study's evaluation (6,000 prompts x 256).
 """
 
