@@ -1,12 +1,17 @@
 """One training stage on several processes (GPUs, or CPU processes on gloo), launched by torchrun.
 
-A stage whose params ask for ``train.num_processes > 1`` runs itself again under ``torch.distributed.run``;
-each worker then goes through the same ``training.train`` as a single process, and transformers' Trainer
-(through accelerate) does the data parallelism: DDP by default, FSDP with ``train.strategy=fsdp``. Nothing
-here synchronises gradients or shards weights itself.
+A stage whose params ask for ``train.num_processes > 1`` or ``train.nnodes > 1`` runs itself again under
+``torch.distributed.run``; each worker then goes through the same ``training.train`` as a single process, and
+transformers' Trainer (through accelerate) does the data parallelism: DDP by default, FSDP with
+``train.strategy=fsdp``. Nothing here synchronises gradients or shards weights itself.
 
-``train.batch_size`` stays the effective batch: with N processes each takes batch_size / N rows per step,
-so the optimizer sees the same batch, and the same loss curve, on 1 or N devices.
+Across machines every machine starts the stage with the same params; torchrun's static rendezvous at
+``train.rdzv_endpoint`` (machine 0) joins them, and ``FTSTUDY_NODE_RANK`` (0 to nnodes - 1, from the
+environment because it is the one value that differs per machine) orders them, so global rank 0, which writes
+the outputs, is always on machine 0.
+
+``train.batch_size`` stays the effective batch: with N processes in all each takes batch_size / N rows per
+step, so the optimizer sees the same batch, and the same loss curve, on 1 or N devices.
 """
 
 from __future__ import annotations
@@ -33,29 +38,40 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def needs_launch(num_processes: int) -> bool:
+NODE_RANK_ENV = "FTSTUDY_NODE_RANK"
+
+
+def needs_launch(t) -> bool:
     """True in the stage's own process when params ask for several workers (false inside a worker)."""
-    return num_processes > 1 and "LOCAL_RANK" not in os.environ
+    return t.world > 1 and "LOCAL_RANK" not in os.environ
+
+
+def _workers(t) -> str:
+    n = f"train.num_processes={t.num_processes}"
+    return n if t.nnodes == 1 else f"train.nnodes={t.nnodes} x {n} = {t.world} workers"
 
 
 def check(spec, t, cuda: bool, gpus: int | None = None) -> None:
     """Refuse, before anything is loaded, the combinations that cannot run distributed, naming the fix."""
-    n = t.num_processes
+    n = t.world
     if n == 1:
         return
     if t.batch_size % n:
         raise UserError(f"train.batch_size={t.batch_size} is the effective batch and must split evenly over "
-                        f"train.num_processes={n}; use a multiple of {n}")
+                        f"{_workers(t)}; use a multiple of {n}")
     if spec.optimizer.endswith("_layerwise"):
         fix = spec.optimizer.removesuffix("_layerwise")
         raise UserError(
             f"{spec.section}.optimizer={spec.optimizer} steps each weight inside its backward hook, which data "
             f"parallelism cannot synchronise (transformers: layer-wise GaLore does not support DDP); with "
-            f"train.num_processes={n} use optimizer={fix} (the same GaLore update, after the gradient all-reduce)"
+            f"{_workers(t)} use optimizer={fix} (the same GaLore update, after the gradient all-reduce)"
         )
+    if t.nnodes > 1:
+        node_rank()  # set and in range on this machine, or say how
     gpus = torch.cuda.device_count() if gpus is None else gpus
-    if cuda and n > gpus:
-        raise UserError(f"train.num_processes={n} but {gpus} GPU(s) are visible; lower it or expose more GPUs")
+    if cuda and t.num_processes > gpus:
+        raise UserError(f"train.num_processes={t.num_processes} (per machine) but {gpus} GPU(s) are visible; lower "
+                        f"it or expose more GPUs")
     if t.strategy == "fsdp":
         if not cuda:
             raise UserError("train.strategy=fsdp needs CUDA GPUs; on CPU use strategy=ddp (gloo)")
@@ -69,9 +85,29 @@ def check(spec, t, cuda: bool, gpus: int | None = None) -> None:
             )
 
 
-def launch(script: str, args: list[str], num_processes: int) -> int:
-    """Run ``script args`` on ``num_processes`` local workers through torchrun; return its exit status."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}",
+def node_rank() -> int:
+    """This machine's rank among train.nnodes, from FTSTUDY_NODE_RANK."""
+    raw = os.environ.get(NODE_RANK_ENV, "")
+    if not raw.isdigit():
+        raise UserError(f"{NODE_RANK_ENV}={raw!r}: with train.nnodes > 1 every machine needs its rank in the "
+                        f"environment; set {NODE_RANK_ENV}=0 on the machine at train.rdzv_endpoint and 1, 2, ... on "
+                        f"the others")
+    return int(raw)
+
+
+def launch(script: str, args: list[str], t) -> int:
+    """Run ``script args`` through torchrun (this machine's train.num_processes workers, joined with the other
+    machines' when train.nnodes > 1); return its exit status."""
+    if t.nnodes == 1:
+        where = ["--standalone"]
+    else:
+        rank = node_rank()
+        if rank >= t.nnodes:
+            raise UserError(f"{NODE_RANK_ENV}={rank} but train.nnodes={t.nnodes}; allowed: 0 to {t.nnodes - 1}")
+        host, port = t.rdzv_endpoint.rsplit(":", 1)
+        # Static rendezvous: ranks follow FTSTUDY_NODE_RANK, so the outputs are written on machine 0.
+        where = [f"--nnodes={t.nnodes}", f"--node_rank={rank}", f"--master_addr={host}", f"--master_port={port}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={t.num_processes}",
            script, *args]
     print("launching: " + " ".join(cmd), flush=True)
     return subprocess.call(cmd)
@@ -117,8 +153,8 @@ def trainer_kwargs(t, layer_cls: str) -> dict:
     as transformers advises: the Trainer's would all-gather every layer's weights once more in the backward.
     """
     # Checkpointing without FSDP is set on the model (training.enable_checkpointing), not through the Trainer.
-    kwargs = {"per_device_train_batch_size": t.batch_size // t.num_processes}
-    if t.num_processes > 1:
+    kwargs = {"per_device_train_batch_size": t.batch_size // t.world}
+    if t.world > 1:
         kwargs["ddp_find_unused_parameters"] = False
     if t.fsdp:
         kwargs["fsdp"] = "full_shard auto_wrap"

@@ -8,6 +8,7 @@ found and what is allowed, so a user with three mistakes learns of all three in 
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,13 +127,22 @@ class TrainParams:
                                              "card's); > 0 measures the model and picks the micro-batch that fits it, "
                                              "every layer checkpointed (ftstudy.budget), overriding "
                                              "gradient_checkpointing and keep_activations; 0 = off")
-    num_processes: int = _spec(ge=1, le=64, doc="workers (GPUs) per training stage; >1 launches it through torchrun")
+    num_processes: int = _spec(ge=1, le=64, doc="workers (GPUs) per machine for a training stage; >1 launches it "
+                                               "through torchrun")
+    nnodes: int = _spec(ge=1, le=1024, doc="machines a training stage spans, each with num_processes workers; > 1 "
+                                          "needs rdzv_endpoint, and each machine's rank in FTSTUDY_NODE_RANK")
+    rdzv_endpoint: str = _spec(doc="host:port of machine 0, where the workers meet (nnodes > 1); empty = one machine")
     strategy: str = _spec(choices=STRATEGIES, doc="data parallelism with num_processes > 1: ddp or fsdp")
+
+    @property
+    def world(self) -> int:
+        """Training processes over all machines; train.batch_size is split among them."""
+        return self.num_processes * self.nnodes
 
     @property
     def fsdp(self) -> bool:
         """Whether the stages shard with FSDP (the strategy matters only with several processes)."""
-        return self.num_processes > 1 and self.strategy == "fsdp"
+        return self.world > 1 and self.strategy == "fsdp"
 
 
 @dataclass(frozen=True)
@@ -390,6 +400,12 @@ def _cross_checks(p: Params, problems: list[str]) -> None:
     if p.train.keep_activations and p.train.fsdp:
         problems.append("train.keep_activations: FSDP checkpoints every layer itself; allowed: 0 with "
                         "train.strategy: fsdp")
+    if p.train.nnodes > 1 and not re.fullmatch(r"[^\s:]+:\d{1,5}", p.train.rdzv_endpoint):
+        problems.append(f"train.rdzv_endpoint: {p.train.rdzv_endpoint!r} with train.nnodes={p.train.nnodes}; "
+                        f"allowed: host:port of machine 0 that every machine can reach (e.g. 10.0.0.1:29500)")
+    if p.train.nnodes == 1 and p.train.rdzv_endpoint:
+        problems.append(f"train.rdzv_endpoint: {p.train.rdzv_endpoint!r} is for several machines, but train.nnodes "
+                        f"is 1; allowed: '' (one machine), or train.nnodes > 1")
     if p.train.max_prompt_tokens >= p.train.max_seq_len:
         problems.append(f"train.max_prompt_tokens: {p.train.max_prompt_tokens} must be < train.max_seq_len "
                         f"({p.train.max_seq_len}) to leave room for the response")

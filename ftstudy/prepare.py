@@ -81,7 +81,7 @@ def prepare_model(spec: MethodSpec, params: Params, base_dir: Path,
             model.to("cuda")
         probe = budget.measure(model, spec, t.max_seq_len, causal_lm(model).config.vocab_size)
         card_gb = torch.cuda.mem_get_info()[1] / 2**30  # a budget above the card is the card
-        plan = budget.choose(probe, min(t.memory_budget_gb, card_gb), rows=t.batch_size // t.num_processes * t.grad_accum,
+        plan = budget.choose(probe, min(t.memory_budget_gb, card_gb), rows=t.batch_size // t.world * t.grad_accum,
                              accumulate=not spec.layerwise and t.cuda_graphs != "on")  # see graphs below
         keep, accum = 0, plan.grad_accum
     if (t.gradient_checkpointing or planned) and not t.fsdp:  # FSDP checkpoints with its own wrapper

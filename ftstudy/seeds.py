@@ -18,7 +18,13 @@ import numpy as np
 from ftstudy.stats import Interval, _interval, bleu_from_stats, bleu_sentence_stats
 
 FOLDER = "data/seeds"
-IGNORED = {"seed", "ui"}  # what may differ between runs that are aggregated (ui changes no number)
+# What may differ between runs that are aggregated: the training seed, display settings, and where the workers
+# ran (the effective batch is fixed, so spreading it over processes or machines changes rounding, not the run).
+IGNORED = ("seed", "ui", "train.num_processes", "train.nnodes", "train.rdzv_endpoint")
+
+
+def _kept(key: str) -> bool:
+    return not any(key == i or key.startswith(i + ".") for i in IGNORED)
 
 
 def flat(d: dict, prefix: str = "") -> dict:
@@ -33,8 +39,8 @@ def flat(d: dict, prefix: str = "") -> dict:
 
 
 def comparable(params: dict) -> dict:
-    """The params two runs must share to be aggregated: all but the training seed and the display settings."""
-    return {k: v for k, v in flat(params).items() if k.split(".")[0] not in IGNORED}
+    """The params two runs must share to be aggregated: all but ``IGNORED``."""
+    return {k: v for k, v in flat(params).items() if _kept(k)}
 
 
 def run_record(read: Callable[[str], str | None], params: dict, models: list[str], extra_sets: list[str]) -> dict:
@@ -68,7 +74,7 @@ def load_records(root: Path, current: dict) -> tuple[list[dict], list[int]]:
         rec = json.loads(f.read_text())
         if rec["seed"] == current["seed"]:
             continue  # the workspace's own run is read from its outputs
-        if rec["params"] == current["params"]:
+        if {k: v for k, v in rec["params"].items() if _kept(k)} == current["params"]:  # older records kept more
             chosen.append(rec)
         else:
             stale.append(rec["seed"])

@@ -84,7 +84,7 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     dataset = tokenize_dataset(tokenizer, records[skip:] + records[:skip], t.max_seq_len, t.max_prompt_tokens)
     model, levers, plan = prepare_model(spec, params, base_dir, models_dir)
     if plan:  # the same rows per optimizer step, in the micro-batches the memory budget fits
-        t = dataclasses.replace(t, batch_size=plan.micro_batch * t.num_processes, grad_accum=plan.grad_accum)
+        t = dataclasses.replace(t, batch_size=plan.micro_batch * t.world, grad_accum=plan.grad_accum)
     trainable, total = count_parameters(model)
     layer_cls = type(causal_lm(model).model.layers[0]).__name__
     optim_kwargs = optimizer_kwargs(spec)

@@ -18,10 +18,10 @@ def main() -> None:
     parser.add_argument("method", choices=METHODS)
     args = parser.parse_args()
     params = load_params()
-    if distributed.needs_launch(params.train.num_processes):
+    if distributed.needs_launch(params.train):
         for spec in phases(params, args.method):
             distributed.check(spec, params.train, torch.cuda.is_available())  # fail here, not in N workers
-        sys.exit(distributed.launch(__file__, [args.method], params.train.num_processes))
+        sys.exit(distributed.launch(__file__, [args.method], params.train))
     m = train_method(args.method, params, data_dir="data/processed", models_dir="models", ckpt_root="checkpoints",
                      live_dir=f"dvclive/{args.method}")
     if m is None:

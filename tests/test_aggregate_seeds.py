@@ -80,10 +80,16 @@ def test_the_interval_over_seeds_widens_with_the_spread_between_seeds():
 
 
 def test_records_made_with_other_params_are_left_out(tmp_path):
+    """Other training settings exclude a record; where its workers ran (one process or several machines at
+    the same effective batch) does not."""
     current = {**_record(42, {"a": [0.5, 0.5]}), "params": {"train.max_steps": 16}}
     (tmp_path / seeds.FOLDER).mkdir(parents=True)
-    for seed, steps in ((1, 16), (2, 32), (42, 16)):
-        rec = {**copy.deepcopy(current), "seed": seed, "params": {"train.max_steps": steps}}
+    for seed, params in ((1, {"train.max_steps": 16, "train.num_processes": 1}), (2, {"train.max_steps": 32}),
+                         (3, {"train.max_steps": 16, "train.nnodes": 2, "train.rdzv_endpoint": "h:1"}),
+                         (42, {"train.max_steps": 16})):
+        rec = {**copy.deepcopy(current), "seed": seed, "params": params}
         (tmp_path / seeds.FOLDER / f"seed-{seed}.json").write_text(json.dumps(rec))
     chosen, stale = seeds.load_records(tmp_path, current)
-    assert [r["seed"] for r in chosen] == [42, 1] and stale == [2]
+    assert [r["seed"] for r in chosen] == [42, 1, 3] and stale == [2]
+    assert seeds.comparable({"seed": 5, "ui": {"progress_bar": True}, "train": {"nnodes": 2, "max_steps": 16}}) == {
+        "train.max_steps": 16}

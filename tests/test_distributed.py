@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,7 @@ from ftstudy import distributed
 from ftstudy.atomic import write_jsonl
 from ftstudy.errors import UserError
 from ftstudy.methods import method_spec
-from ftstudy.params import default_params
+from ftstudy.params import ParamsError, default_params
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
@@ -52,6 +54,55 @@ def test_two_gloo_processes_train_like_one_at_the_same_effective_batch(tmp_path,
     assert _curve(two) == pytest.approx(_curve(one), rel=1e-4)
     assert (two / "models/lora_wide/adapter_model.safetensors").exists()
     assert not (two / "metrics.json").read_text().count("HF_TOKEN")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_machines_meet_at_the_endpoint_and_train_like_one_process(tmp_path, tiny_model_dir):
+    """train.nnodes=2 as two "machines" on localhost: each starts the stages' launcher with its own
+    FTSTUDY_NODE_RANK, torchrun's static rendezvous joins them (gloo), and machine 0 writes the results."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    one = _workdir(tmp_path / "one", tiny_model_dir)
+    two = _workdir(tmp_path / "two", tiny_model_dir)
+    subprocess.run([sys.executable, str(WORKER), str(one), "1"], check=True, env=env)
+    endpoint = f"127.0.0.1:{_free_port()}"
+    launcher = (
+        "import sys; from ftstudy import distributed; from ftstudy.params import default_params; "
+        f"t = default_params(train=dict(batch_size=4, nnodes=2, rdzv_endpoint={endpoint!r})).train; "
+        f"sys.exit(distributed.launch({str(WORKER)!r}, [{str(two)!r}, '1', '2', {endpoint!r}], t))"
+    )
+    machines = [subprocess.Popen([sys.executable, "-c", launcher], env={**env, distributed.NODE_RANK_ENV: str(r)})
+                for r in (1, 0)]  # machine 1 first: it waits at the endpoint for machine 0
+    assert [m.wait(timeout=300) for m in machines] == [0, 0]
+    m1 = json.loads((one / "metrics.json").read_text())
+    m2 = json.loads((two / "metrics.json").read_text())
+    assert (m2["num_processes"], m2["per_device_batch"], m2["effective_batch"]) == (2, 2, 4)
+    assert [d["rank"] for d in m2["per_device"]] == [0, 1]
+    assert m2["trained_tokens"] == m1["trained_tokens"]
+    assert _curve(two) == pytest.approx(_curve(one), rel=1e-4)
+
+
+def test_several_machines_need_an_endpoint_and_each_its_rank(monkeypatch):
+    with pytest.raises(ParamsError, match="train.rdzv_endpoint: '' with train.nnodes=2"):
+        default_params(train={"nnodes": 2})
+    with pytest.raises(ParamsError, match="train.rdzv_endpoint: 'h:1' is for several machines"):
+        default_params(train={"rdzv_endpoint": "h:1"})
+    t = default_params(train={"nnodes": 2, "rdzv_endpoint": "10.0.0.1:29500"}).train
+    spec = method_spec(default_params(), "qlora")
+    monkeypatch.delenv(distributed.NODE_RANK_ENV, raising=False)
+    with pytest.raises(UserError, match="FTSTUDY_NODE_RANK=0 on the machine at train.rdzv_endpoint"):
+        distributed.check(spec, t, cuda=False)
+    monkeypatch.setenv(distributed.NODE_RANK_ENV, "2")
+    with pytest.raises(UserError, match="FTSTUDY_NODE_RANK=2 but train.nnodes=2"):
+        distributed.launch("stages/train.py", ["qlora"], t)
+    monkeypatch.setenv(distributed.NODE_RANK_ENV, "1")
+    distributed.check(spec, t, cuda=False)  # a valid machine 1 passes
+    with pytest.raises(UserError, match="split evenly over train.nnodes=2 x train.num_processes=1 = 2 workers"):
+        distributed.check(spec, dataclasses.replace(t, batch_size=3), cuda=False)
 
 
 def _spec(**galore):
