@@ -48,7 +48,8 @@ def make(attn: str, layers: int):
 def grads(model, batch) -> dict:
     model.zero_grad()
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = completion_loss(model, batch["input_ids"], None, batch["labels"], None, position_ids=batch["position_ids"])
+        loss = completion_loss(model, batch["input_ids"], batch.get("attention_mask"), batch["labels"], None,
+                               position_ids=batch.get("position_ids"))
     loss.backward()
     q = [layer.self_attn.q_proj.weight.grad.float() for layer in model.model.layers]
     return {"loss": round(loss.item(), 4), "last_q_max": round(q[-1].abs().max().item(), 5),
@@ -61,19 +62,25 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=26)
+    parser.add_argument("--padded", action="store_true",
+                        help="the 8 examples as a padded 8 x 128 batch with an attention mask (what compiled layers "
+                             "get in the stages) instead of one packed row")
+    parser.add_argument("--backends", nargs="+", default=["default", "MATH", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION",
+                                                          "eager"])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     data = Path("/tmp/packed_grads.jsonl")
     write_train_data(data)
     tokenizer = train_tiny_tokenizer(512, seed=0)
     examples = tokenize_dataset(tokenizer, read_jsonl(data)[:8], 512, 384)
-    batch = Collator(0, pack=True, row_len=512)(examples)
+    batch = (Collator(0, width_buckets=4, row_len=512) if args.padded else Collator(0, pack=True, row_len=512))(examples)
     batch.pop("num_tokens")  # a host-side count, not a model input
     batch = {k: v.cuda() for k, v in batch.items()}
     results = {"batch_shape": list(batch["input_ids"].shape), "eager": grads(make("sdpa", args.layers), batch)}
     print("eager", results["eager"], flush=True)
-    for attn, backend in [("sdpa", None), ("sdpa", SDPBackend.MATH), ("sdpa", SDPBackend.EFFICIENT_ATTENTION),
-                          ("sdpa", SDPBackend.CUDNN_ATTENTION), ("eager", None)]:
+    variants = [("eager", None) if b == "eager" else ("sdpa", None if b == "default" else getattr(SDPBackend, b))
+                for b in args.backends]
+    for attn, backend in variants:
         name = f"compiled {attn} {backend.name if backend else 'default'}"
         torch._dynamo.reset()
         model = make(attn, args.layers)

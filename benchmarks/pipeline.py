@@ -13,12 +13,19 @@ up to date is recorded as skipped. Timings go to a log as each stage ends (``--l
 so a run that must be spread over several calls (a lent GPU runs one command for at most 10 minutes) continues
 where the last call stopped: ``--budget-s`` stops before a stage once that many seconds have passed.
 
-The extrapolation to the study reads the full profile (conf/profile/full.yaml): its steps per method, test prompts
-and new tokens, and scales what each stage measured: training by its steady tokens/s plus its one-off costs
-(the first step, compiling and recording each batch shape, GaLore's projections repeated at the study's
-projection interval) plus the stage's load and save
-time; generation by its seconds scaled by the prompts x new tokens (an upper bound: a fine-tuned model that
-stops early, and the decoder's one-off compilation, are scaled too); the re-rank likewise. Data stages and the report are taken as measured.
+The extrapolation to the study reads the full profile (conf/profile/full.yaml): its steps per method, rates per
+sweep, test prompts and new tokens, and scales what each stage measured: a training by its steady tokens/s plus
+its one-off costs (the first step, compiling and recording each batch shape, GaLore's projections repeated at the
+study's projection interval) plus the stage's load and save time; a sweep as that many runs of its method's
+training, each with the load and validation it measured; generation by its seconds scaled by the prompts x new
+tokens (an upper bound; 1 where the profile evaluates the study's prompts, as study_random does); the re-rank
+likewise. Data stages and the report are taken as measured. ``study_s`` is the study as the seeds define it
+(four trainings, five evaluations, the re-rank), ``study_with_sweeps_s`` adds the learning-rate sweeps.
+
+The generated rows are short (~54 Gemma tokens), while most of the hub datasets' batches hold a row that fills
+max_seq_len, so every row of such a batch is padded to it. ``--full-rows FILE`` (benchmarks/train_methods.py
+--full-rows: every row max_seq_len tokens) gives a second estimate of the trainings and sweeps at those rates,
+``*_full_rows``: what the study costs when every batch is padded to max_seq_len.
 """
 
 from __future__ import annotations
@@ -65,39 +72,88 @@ def write_params(profile: str, overrides: list[str], out: Path) -> None:
     compose_and_dump(out, os.fspath(ROOT / "conf"), None, "config", "", [f"profile={profile}", *overrides])
 
 
-def extrapolate(timings: dict[str, dict], measured: Params, study: Params) -> dict:
-    """Each stage's time at the study's size, from what it measured here."""
-    steps = {m: study.train.max_steps for m in TRAINED.values()}  # one budget; the hybrid's two phases share it
+def run_seconds(m: dict, steps: int, gap: int | None, full_rows: dict | None = None) -> float:
+    """One training run of ``steps`` optimizer steps at the steady rate ``m`` (a training's metrics) measured, plus
+    its one-off costs: the first step, compiling and recording each batch shape, GaLore's projections every ``gap``
+    steps. ``full_rows``: the rate and tokens per step of another measurement of the method instead (every row
+    max_seq_len tokens: benchmarks/train_methods.py --full-rows)."""
+    rate, per_step = m["steady_tokens_per_s"], m["trained_tokens"] / m["steps"]
+    if full_rows is not None:
+        rate, per_step = full_rows["steady_tokens_per_s"], full_rows["trained_tokens"] / full_rows["steps"]
+    once, counts = m.get("one_off_seconds", {}), m.get("one_off_steps", {})
+    projection = once.get("projection", 0.0) / counts["projection"] if counts.get("projection") else 0.0
+    fixed = sum(v for k, v in once.items() if k != "projection")
+    return fixed + (projection * (steps // gap) if gap else 0.0) + steps * per_step / rate
+
+
+def extrapolate(timings: dict[str, dict], measured: Params, study: Params, full_rows: dict[str, dict]) -> dict:
+    """Each stage's time at the study's size, from what it measured here. ``full_rows``: per method, a training
+    on rows of max_seq_len tokens, for a second estimate of the trainings and sweeps (``study_s_full_rows``)."""
+    steps = study.train.max_steps  # one budget for every method; the hybrid's two phases share it
     gaps = {m: getattr(study, f"train_{m}").update_proj_gap for m in ("galore", "sequential_ensemble")}
     prompts = study.data.test_per_source * len(study.data.sources)
     measured_prompts = measured.data.test_per_source * len(measured.data.sources)
     rows = {}
     for name, t in timings.items():
         row = {"measured_wall_s": t["wall_s"]}
-        method = TRAINED.get(name)
-        if method and Path(f"metrics/train/{method}.json").exists():
-            m = read_json(f"metrics/train/{method}.json")
-            rate, once, counts = m.get("steady_tokens_per_s"), m.get("one_off_seconds", {}), m.get("one_off_steps", {})
-            if rate:
-                per_step = m["trained_tokens"] / m["steps"]
-                projection = once.get("projection", 0.0) / counts["projection"] if counts.get("projection") else 0.0
-                extra = projection * (steps[method] // gaps[method]) if method in gaps else 0.0
-                fixed = sum(v for k, v in once.items() if k != "projection")  # first step, compiling, recording
-                row.update(tokens_per_s=rate, tokens_per_step=round(per_step, 1), peak_memory_gb=m["peak_memory_gb"],
-                           study_steps=steps[method],
-                           study_s=round(t["wall_s"] - m["train_seconds"] + fixed + extra + steps[method] * per_step / rate, 1))
+        method = TRAINED.get(name) or (name.removeprefix("sweep_") if name.startswith("sweep_") else None)
+        train_json = Path(f"metrics/train/{method}.json")
+        if method and train_json.exists() and read_json(train_json).get("steady_tokens_per_s"):
+            m = read_json(train_json)
+            run = {"": run_seconds(m, steps, gaps.get(method))}
+            if method in full_rows:
+                run["_full_rows"] = run_seconds(m, steps, gaps.get(method), full_rows[method])
+            if name in TRAINED:  # the stage's loading, validation loss and saving as measured, once
+                row.update(tokens_per_s=m["steady_tokens_per_s"], tokens_per_step=round(m["trained_tokens"] / m["steps"], 1),
+                           peak_memory_gb=m["peak_memory_gb"], study_steps=steps)
+                row.update({f"study_s{k}": round(t["wall_s"] - m["train_seconds"] + v, 1) for k, v in run.items()})
+            elif Path(f"metrics/sweep/{method}.json").exists():  # a run per rate: each loads, trains, validates
+                grid = read_json(f"metrics/sweep/{method}.json")["grid"]
+                rates = len(getattr(study.sweep, method))
+                per_run = (t["wall_s"] - sum(r["train_seconds"] for r in grid)) / len(grid)
+                row.update(study_rates=rates, study_steps=steps)
+                row.update({f"study_s{k}": round(rates * (per_run + v), 1) for k, v in run.items()})
         elif name.startswith("evaluate@") and Path(f"metrics/eval/{name.split('@')[1]}.json").exists():
             g = read_json(f"metrics/eval/{name.split('@')[1]}.json")["generation"]
             scale = prompts / measured_prompts * study.evaluate.max_new_tokens / measured.evaluate.max_new_tokens
             row.update(generated_tokens_per_s=g["generated_tokens_per_s"], generate_seconds=g["generate_seconds"],
-                       study_generated_tokens=prompts * study.evaluate.max_new_tokens,
+                       seconds=g.get("seconds"), study_generated_tokens=prompts * study.evaluate.max_new_tokens,
                        study_s=round(t["wall_s"] - g["generate_seconds"] + g["generate_seconds"] * scale, 1))
         elif name == "evaluate_rerank" and Path("metrics/eval/rerank.json").exists():
             g = read_json("metrics/eval/rerank.json")["generation"]
             scale = prompts / measured_prompts * study.rerank.k / measured.rerank.k
-            row.update(study_s=round(t["wall_s"] - g["generate_seconds"] + g["generate_seconds"] * scale, 1))
+            row.update(seconds=g.get("seconds"),
+                       study_s=round(t["wall_s"] - g["generate_seconds"] + g["generate_seconds"] * scale, 1))
         rows[name] = row
     return rows
+
+
+def totals(rows: dict[str, dict]) -> dict:
+    """The study as the seeds define it (trainings, evaluations, re-rank, data, report) and with the learning-rate
+    sweeps; each also with the trainings and sweeps at their full-row rates where those were given."""
+    def total(stages, key):
+        return round(sum(r.get(key, r.get("study_s", r["measured_wall_s"])) for r in stages), 1)
+
+    seeds = [r for n, r in rows.items() if not n.startswith("sweep_")]
+    out = {"study_s": total(seeds, "study_s"), "study_with_sweeps_s": total(rows.values(), "study_s")}
+    if any("study_s_full_rows" in r for r in rows.values()):
+        out.update(study_s_full_rows=total(seeds, "study_s_full_rows"),
+                   study_with_sweeps_s_full_rows=total(rows.values(), "study_s_full_rows"))
+    minutes = {k: (k.replace("_s_full_rows", "_minutes_full_rows") if k.endswith("_full_rows")
+                   else k.removesuffix("_s") + "_minutes") for k in out}
+    return {**out, **{minutes[k]: round(v / 60, 1) for k, v in out.items()}}
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {name: installed(name) for name in ("torch", "transformers", "peft", "bitsandbytes", "galore-torch", "dvc")}
 
 
 def main(argv=None) -> dict:
@@ -109,6 +165,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="start no stage once this many seconds have passed (continue in the next call)")
     parser.add_argument("--log", type=Path, default=Path(".pipeline/timings.jsonl"))
+    parser.add_argument("--full-rows", type=Path, metavar="JSON",
+                        help="benchmarks/train_methods.py --full-rows output: also estimate the trainings at its rates")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     os.chdir(ROOT)
@@ -134,33 +192,36 @@ def main(argv=None) -> dict:
             fh.write(json.dumps(rec) + "\n")
         print(json.dumps(rec), flush=True)
     measured = load_params()
-    rows = extrapolate({n: done[n] for n in wanted}, measured, default_params("full"))
-    gpu = None
-    try:
-        import torch
+    full_rows = {}
+    if args.full_rows:
+        full_rows = {r["method"]: r for r in read_json(args.full_rows)["records"] if r.get("steady_tokens_per_s")}
+    rows = extrapolate({n: done[n] for n in wanted}, measured, default_params("full"), full_rows)
+    import torch
 
-        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    except ImportError:
-        pass
     ran = [n for n in wanted if done[n]["ran"]]
     result = {
-        "profile": measured.profile, "model_source": measured.model.source, "gpu": gpu,
+        "profile": measured.profile, "model_source": measured.model.source,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "command": " ".join(["python", *sys.argv]), "versions": versions(),
         "note": "measured on this profile; study_s extrapolates each stage to the full profile's steps, prompts and "
                 "new tokens from the measured rates (generation: its seconds scaled by prompts x new tokens, an upper "
-                "bound)",
+                "bound); the sweeps to the full profile's rates per method. *_full_rows: the trainings at the rates "
+                f"of {args.full_rows} (every row max_seq_len tokens) instead of this profile's rows",
         "stages": rows,
         "measured_wall_s": round(sum(done[n]["wall_s"] for n in wanted), 1),
         "skipped": [n for n in wanted if not done[n]["ran"]],
-        "study_s": round(sum(r.get("study_s", r["measured_wall_s"]) for r in rows.values()), 1),
+        **totals(rows),
     }
-    result["study_minutes"] = round(result["study_s"] / 60, 1)
-    print(f"\n{'stage':30} {'measured s':>11} {'study s':>9}")
+    print(f"\n{'stage':30} {'measured s':>11} {'study s':>9}" + ("  full rows" if full_rows else ""))
     for n in wanted:
         r = rows[n]
         print(f"{n:30} {r['measured_wall_s']:>11.1f} {r.get('study_s', r['measured_wall_s']):>9.1f}"
+              + (f" {r['study_s_full_rows']:>10.1f}" if "study_s_full_rows" in r else "")
               + ("" if n in ran else "  (up to date: skipped)"))
-    print(f"{'total':30} {result['measured_wall_s']:>11.1f} {result['study_s']:>9.1f}  "
-          f"= {result['study_minutes']} min for the study")
+    print(f"the study: {result['study_minutes']} min; with the learning-rate sweeps: "
+          f"{result['study_with_sweeps_minutes']} min" + (
+              f" (full rows: {result['study_minutes_full_rows']} / {result['study_with_sweeps_minutes_full_rows']})"
+              if full_rows else ""))
     if args.out:
         write_json(args.out, result)
     return result

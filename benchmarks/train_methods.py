@@ -155,6 +155,8 @@ def main() -> None:
                              "wall time, and the costliest operations")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--memory-budget-gb", type=float, default=0.0, help="train.memory_budget_gb (GPU)")
+    parser.add_argument("--logging-steps", type=int, default=10,
+                        help="train.logging_steps (the full profile's 10: a logged loss makes the host wait for the GPU)")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="train.compile")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -176,7 +178,7 @@ def main() -> None:
                                      max_seq_len=args.seq_len, compile=args.compile,
                                      cuda_graphs="off" if args.compile == "off" else "auto", max_prompt_tokens=max_prompt,
                                      gradient_checkpointing=args.gradient_checkpointing, max_steps=args.steps,
-                                     memory_budget_gb=args.memory_budget_gb),
+                                     memory_budget_gb=args.memory_budget_gb, logging_steps=args.logging_steps),
         train_galore=dataclasses.replace(p.train_galore, optimizer=galore_opt),
         train_sequential_ensemble=dataclasses.replace(p.train_sequential_ensemble, optimizer=galore_opt),
         ui=dataclasses.replace(p.ui, progress_bar=False),

@@ -67,7 +67,7 @@ def check(spec, t, cuda: bool, gpus: int | None = None) -> None:
             f"{_workers(t)} use optimizer={fix} (the same GaLore update, after the gradient all-reduce)"
         )
     if t.nnodes > 1:
-        node_rank()  # set and in range on this machine, or say how
+        node_rank(t.nnodes)  # set and in range on this machine, or say how
     gpus = torch.cuda.device_count() if gpus is None else gpus
     if cuda and t.num_processes > gpus:
         raise UserError(f"train.num_processes={t.num_processes} (per machine) but {gpus} GPU(s) are visible; lower "
@@ -85,13 +85,15 @@ def check(spec, t, cuda: bool, gpus: int | None = None) -> None:
             )
 
 
-def node_rank() -> int:
-    """This machine's rank among train.nnodes, from FTSTUDY_NODE_RANK."""
+def node_rank(nnodes: int) -> int:
+    """This machine's rank among ``nnodes`` machines, from FTSTUDY_NODE_RANK (refused when unset or out of range)."""
     raw = os.environ.get(NODE_RANK_ENV, "")
     if not raw.isdigit():
         raise UserError(f"{NODE_RANK_ENV}={raw!r}: with train.nnodes > 1 every machine needs its rank in the "
                         f"environment; set {NODE_RANK_ENV}=0 on the machine at train.rdzv_endpoint and 1, 2, ... on "
                         f"the others")
+    if int(raw) >= nnodes:
+        raise UserError(f"{NODE_RANK_ENV}={raw} but train.nnodes={nnodes}; allowed: 0 to {nnodes - 1}")
     return int(raw)
 
 
@@ -101,9 +103,7 @@ def launch(script: str, args: list[str], t) -> int:
     if t.nnodes == 1:
         where = ["--standalone"]
     else:
-        rank = node_rank()
-        if rank >= t.nnodes:
-            raise UserError(f"{NODE_RANK_ENV}={rank} but train.nnodes={t.nnodes}; allowed: 0 to {t.nnodes - 1}")
+        rank = node_rank(t.nnodes)
         host, port = t.rdzv_endpoint.rsplit(":", 1)
         # Static rendezvous: ranks follow FTSTUDY_NODE_RANK, so the outputs are written on machine 0.
         where = [f"--nnodes={t.nnodes}", f"--node_rank={rank}", f"--master_addr={host}", f"--master_port={port}"]

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -46,7 +47,8 @@ def _showcase(model, tokenizer, params: Params) -> list[dict]:
 
 def write_results(name: str, records: list[dict], predictions: list[str], extra: dict, params: Params,
                   predictions_path: str | Path, metrics_path: str | Path, extra_rows: list[dict] | None = None,
-                  extra_metrics: dict | None = None) -> dict:
+                  extra_metrics: dict | None = None, clock: Clock | None = None) -> dict:
+    """``clock``: the evaluation's phases so far, written with one more (scoring) under generation.seconds."""
     rows = [{"id": r["id"], "source": r["source"], "prediction": pred, "reference": r["response"]}
             for r, pred in zip(records, predictions, strict=True)]
     scores = score_by_source(rows)
@@ -60,9 +62,12 @@ def write_results(name: str, records: list[dict], predictions: list[str], extra:
             row["family"] = families.get(row["id"], "unknown")
             row["exact_match"] = int(exact_match(row["prediction"], row["reference"]))
         scores["accuracy"] = accuracy_by(rows)
+    if clock is not None:
+        clock.lap("score")
     device = device_kind()
     metrics = {"model": name, "profile": params.profile, **scores,
-               "generation": {**extra, "max_new_tokens": params.evaluate.max_new_tokens,
+               "generation": {**extra, **({"seconds": clock.laps} if clock else {}),
+                              "max_new_tokens": params.evaluate.max_new_tokens,
                               "batch_size": params.evaluate.batch_size, "device": device,
                               "torch": torch.__version__, "python": platform.python_version()},
                **(extra_metrics or {})}
@@ -100,24 +105,44 @@ def evaluate(name: str, model_dir: str | Path, base_dir: str | Path, test_path: 
     """The rows of ``evaluate.extra_test_sets`` go beside ``predictions_path``, to ``extra/<name>/<set>.jsonl``."""
     p = params.evaluate
     sets = read_test_sets(p.extra_test_sets)  # checked before a model is loaded
+    clock = Clock()
     records = read_jsonl(test_path)
     tokenizer = load_tokenizer(base_dir)
     model = load_for_eval(model_dir, base_dir)
+    fp = eval_fingerprint(model_dir, base_dir, test_path, p)
+    clock.lap("load")
     journal = journal_path(predictions_path)
     predictions, gen_stats = generate(
         model, tokenizer, records, max_new_tokens=p.max_new_tokens, batch_size=p.batch_size,
-        max_prompt_tokens=p.max_prompt_tokens, progress=progress, journal=journal,
-        fingerprint=eval_fingerprint(model_dir, base_dir, test_path, p), batch_tokens=p.batch_tokens,
+        max_prompt_tokens=p.max_prompt_tokens, progress=progress, journal=journal, fingerprint=fp,
+        batch_tokens=p.batch_tokens,
     )
+    clock.lap("test_set")
     write_jsonl(showcase_path, _showcase(model, tokenizer, params))
+    clock.lap("showcase")
     extra = {}
     if sets:
         extra_dir = Path(predictions_path).parent / "extra" / name
         extra = {"extra_test_sets": _extra_sets(model, tokenizer, sets, params, extra_dir, progress)}
+        clock.lap("extra_test_sets")
+    # Where the stage's time went (model loading to scoring), so its cost at another size can be estimated.
     metrics = write_results(name, records, predictions, gen_stats, params, predictions_path, metrics_path,
-                            extra_metrics=extra)
+                            extra_metrics=extra, clock=clock)
     journal.unlink()
     return metrics
+
+
+class Clock:
+    """Seconds per phase of an evaluation, each lap from the end of the one before."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._t, 2)
+        self._t = now
 
 
 JOURNALS = Path("checkpoints/evaluate")
@@ -146,16 +171,19 @@ def evaluate_rerank(models_dir: str | Path, test_path: str | Path, params: Param
     from ftstudy.rerank import rerank
 
     models_dir, r, p = Path(models_dir), params.rerank, params.evaluate
+    clock = Clock()
     records = read_jsonl(test_path)
     tokenizer = load_tokenizer(models_dir / "base")
     proposer = load_for_eval(models_dir / r.proposer, models_dir / "base")
     scorer = load_for_eval(models_dir / r.scorer, models_dir / "base")
+    clock.lap("load")
     chosen, candidates, timing = rerank(
         proposer, scorer, tokenizer, records, k=r.k, temperature=r.temperature, top_p=r.top_p,
         max_new_tokens=p.max_new_tokens, batch_size=p.batch_size, max_prompt_tokens=p.max_prompt_tokens,
         seed=params.seed, progress=progress,
     )
+    clock.lap("rerank")
     extra = {**timing, "k": r.k, "temperature": r.temperature, "top_p": r.top_p, "proposer": r.proposer,
              "scorer": r.scorer}
     return write_results("rerank", records, chosen, extra, params, predictions_path, metrics_path,
-                         extra_rows=[{"candidates": c} for c in candidates])
+                         extra_rows=[{"candidates": c} for c in candidates], clock=clock)

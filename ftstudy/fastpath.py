@@ -80,6 +80,12 @@ def compile_layers(model, cuda_graphs: bool = False, shapes: int = 8) -> None:
     options = {"mode": "reduce-overhead", "dynamic": False} if cuda_graphs else {}
     if cuda_graphs:  # the layers share their graphs (their weights are graph inputs): one entry per batch shape
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
+    # Attention inside compiled layers is transformers' eager implementation, which the compiler fuses. With SDPA,
+    # compiled Gemma 3 layers on an H200 (torch 2.11, transformers 5.24) computed wrong weight gradients whenever a
+    # batch carried an attention mask, padded or packed, with every SDPA kernel, while the loss was right
+    # (benchmarks/packed_grads.py --padded: layer 0's q_proj gradient 60 against 0.037 uncompiled; compiled eager
+    # attention: equal). Full-parameter GaLore then diverged. Rows without padding were unaffected.
+    causal_lm(model).set_attn_implementation("eager")
     for layer in causal_lm(model).model.layers:
         trace_4bit_linears(layer)
         if getattr(layer, "gradient_checkpointing", False):

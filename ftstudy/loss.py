@@ -20,7 +20,7 @@ from ftstudy.prompt import IGNORE_INDEX
 LOGIT_CHUNK_BYTES = 256 * 2**20  # fp32 logits alive at once: 256 rows of Gemma 3's 262,144-way vocabulary
 
 
-def _chunk_rows(vocab: int) -> int:
+def chunk_rows(vocab: int) -> int:
     return max(1, LOGIT_CHUNK_BYTES // (4 * vocab))
 
 
@@ -97,7 +97,7 @@ def labelled_ce(lm, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     if not torch.is_grad_enabled():
         return head_ce(lm, hidden, targets)
     weight = lm.lm_head.weight
-    chunk = _chunk_rows(weight.shape[0])
+    chunk = chunk_rows(weight.shape[0])
     if _fusable(lm):
         return _FusedLinearCE.apply(hidden, weight, targets, chunk)
     if hidden.shape[0] <= chunk or _fsdp_managed(lm) or _fsdp_managed(lm.lm_head):

@@ -115,6 +115,8 @@ class TrainParams:
     weight_decay: float = _spec(ge=0)
     max_grad_norm: float = _spec(gt=0)
     save_steps: int = _spec(ge=1, doc="checkpoint interval; an interrupted run resumes from the last one")
+    logging_steps: int = _spec(ge=1, doc="steps per point of the loss curve (the mean loss over them); on a GPU each "
+                                         "point makes the host wait for the GPU, so long runs log every few steps")
     gradient_checkpointing: bool = _spec(doc="recompute each decoder layer's activations in the backward")
     keep_activations: int = _spec(ge=0, doc="with gradient_checkpointing: the last N decoder layers keep their "
                                                "activations (no recompute: faster, more memory)")

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ftstudy import decode
 from ftstudy.generation import left_pad
-from ftstudy.loss import _chunk_rows, head_ce
+from ftstudy.loss import chunk_rows, head_ce
 from ftstudy.models import causal_lm
 from ftstudy.prompt import clean_generation, tokenize_prompt
 
@@ -42,7 +42,7 @@ def mean_logprob(model, prompt_ids: list[list[int]], completion_ids: list[list[i
     targets = ids[:, 1:][keep[:, 1:]]
     # A chunk of positions at a time: a GPU batch of candidates can hold a million of them, and their logits
     # at once would not fit any card.
-    chunk = _chunk_rows(lm.config.vocab_size)
+    chunk = chunk_rows(lm.config.vocab_size)
     nll = torch.cat([head_ce(lm, h, t, reduction="none")
                      for h, t in zip(hidden[:, :-1][keep[:, 1:]].split(chunk), targets.split(chunk), strict=True)])
     lengths = [len(c) for c in completion_ids]

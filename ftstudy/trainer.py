@@ -3,6 +3,7 @@ throughput with one-off costs set apart, peak memory, and the dvclive curves."""
 
 from __future__ import annotations
 
+import itertools
 import resource
 import time
 from pathlib import Path
@@ -104,20 +105,25 @@ def throughput_callback(trainer, compiled: bool, cuda_graphs: bool, projection_g
 
     class Throughput(TrainerCallback):
         def __init__(self):
-            self.steps = []  # (step, seconds, tokens, what it also paid for, or None)
+            self.marks = []  # (clock, tokens trained) at the start and after every step
+            self.steps = []  # (step, tokens, what it also paid for, or None)
             self.calls: Counter[tuple] = Counter()  # steps that met each batch shape
 
         def _mark(self):
+            # On a GPU a CUDA event, read after training: waiting for the GPU here every step would stop the host
+            # from queueing the next step while this one runs.
             if torch.cuda.is_available():
-                torch.cuda.synchronize()  # the step's kernels are done (the loss logging syncs anyway)
-            self.t, self.n = time.perf_counter(), trainer.tokens_trained
+                clock = torch.cuda.Event(enable_timing=True)
+                clock.record()
+            else:
+                clock = time.perf_counter()
+            self.marks.append((clock, trainer.tokens_trained))
 
         def on_train_begin(self, args, state, control, **kwargs):
             self._mark()
             self.first = state.global_step  # > 0 when resumed
 
         def on_step_end(self, args, state, control, **kwargs):
-            t, n = self.t, self.n
             self._mark()
             shapes = set(trainer.batch_shapes)
             trainer.batch_shapes.clear()
@@ -127,19 +133,28 @@ def throughput_callback(trainer, compiled: bool, cuda_graphs: bool, projection_g
             cost = ("first_step" if step == self.first else "new_shape" if compiled and 0 in met
                     else "recording" if cuda_graphs and 1 in met
                     else "projection" if projection_gap and step % projection_gap == 0 else None)
-            self.steps.append((step, round(self.t - t, 4), self.n - n, cost))
+            self.steps.append((step, self.marks[-1][1] - self.marks[-2][1], cost))
+
+        def seconds(self) -> list[float]:
+            """Each step's seconds, from its end to the previous one's."""
+            clocks = [c for c, _ in self.marks]
+            if clocks and isinstance(clocks[0], torch.cuda.Event):
+                clocks[-1].synchronize()
+                return [round(a.elapsed_time(b) / 1000, 4) for a, b in itertools.pairwise(clocks)]
+            return [round(b - a, 4) for a, b in itertools.pairwise(clocks)]
 
         def summary(self) -> dict:
-            steady = [(s, k) for _, s, k, cost in self.steps if cost is None]
+            timed = [(s, k, cost) for s, (_, k, cost) in zip(self.seconds(), self.steps, strict=True)]
+            steady = [(s, k) for s, k, cost in timed if cost is None]
             once, count = {}, {}
-            for _, s, _, cost in self.steps:
+            for s, _, cost in timed:
                 if cost is not None:
                     once[cost] = round(once.get(cost, 0.0) + s, 2)
                     count[cost] = count.get(cost, 0) + 1
             seconds = sum(s for s, _ in steady)
             return {"steady_tokens_per_s": round(sum(k for _, k in steady) / seconds, 2) if seconds else None,
                     "batch_shapes": len(self.calls), "one_off_seconds": once, "one_off_steps": count,
-                    "step_seconds": [s for _, s, _, _ in self.steps]}
+                    "step_seconds": [s for s, _, _ in timed]}
 
     return Throughput()
 

@@ -92,11 +92,13 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
         output_dir=str(ckpt_dir), max_steps=spec.max_steps, **distributed.trainer_kwargs(t, layer_cls),
         gradient_accumulation_steps=t.grad_accum, learning_rate=spec.learning_rate, warmup_steps=t.warmup_steps,
         lr_scheduler_type=t.lr_scheduler, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
-        # Every step's loss logged as it is: the Trainer's NaN/inf filter would log an average in its place, and
-        # its two checks per step each make the host wait for the GPU before the optimizer step.
-        logging_steps=1, logging_nan_inf_filter=False, save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
-        bf16=cuda, use_cpu=not cuda, seed=params.seed, data_seed=params.seed, report_to="none",
-        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not params.ui.progress_bar, **optim_kwargs,
+        # Losses logged as they are: the Trainer's NaN/inf filter would log an average in their place, and its two
+        # checks per step each make the host wait for the GPU before the optimizer step. Between logged steps the
+        # host queues the next step while the GPU runs this one: batches are copied to it without waiting.
+        logging_steps=t.logging_steps, logging_nan_inf_filter=False, save_strategy="steps", save_steps=t.save_steps,
+        save_total_limit=2, bf16=cuda, use_cpu=not cuda, seed=params.seed, data_seed=params.seed, report_to="none",
+        dataloader_num_workers=0, dataloader_pin_memory=cuda, accelerator_config={"non_blocking": cuda},
+        remove_unused_columns=False, disable_tqdm=not params.ui.progress_bar, **optim_kwargs,
         # No short last batch of an epoch: with compiled layers every batch then has as many rows, and its width
         # one of a few (the collator's buckets), each compiled (and recorded as a CUDA graph) once for the run.
         dataloader_drop_last=True,

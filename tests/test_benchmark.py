@@ -52,3 +52,33 @@ def test_speed_counts_model_flops_per_token_as_written_down():
     # LoRA r=1 on q_proj (4 more weights): frozen base, so weight gradients only for A and B; the head frozen too.
     assert speed.flops_per_token(arch, 3, 0.5, full=False, lora_r=1, lora_modules=("q_proj",)) == 104 * 2 + 128 + 40
     assert speed.mfu(1e12, 989.4, "NVIDIA H200") == 1.0 and speed.mfu(1.0, 1.0, "cpu") is None
+
+
+def test_pipeline_extrapolates_trainings_sweeps_and_full_rows_to_the_study(tmp_path, monkeypatch):
+    """benchmarks/pipeline.py's arithmetic: a training's 3,750 steps at its steady rate plus its one-off costs, a
+    sweep as one such run per rate of the full profile, and the same at another measurement's full-row rate."""
+    from ftstudy.atomic import write_json
+    from ftstudy.params import default_params
+
+    pspec = importlib.util.spec_from_file_location("pipeline_bench", Path(__file__).parents[1] / "benchmarks/pipeline.py")
+    pipeline = importlib.util.module_from_spec(pspec)
+    pspec.loader.exec_module(pipeline)
+    monkeypatch.chdir(tmp_path)
+    # 10 steps of 400 tokens at 1,000 tokens/s steady, the first step 5 s more, 2 s of loading and saving
+    write_json("metrics/train/qlora.json", {"steady_tokens_per_s": 1000.0, "trained_tokens": 4000, "steps": 10,
+                                            "train_seconds": 9.0, "peak_memory_gb": 1.0,
+                                            "one_off_seconds": {"first_step": 5.0}, "one_off_steps": {"first_step": 1}})
+    write_json("metrics/sweep/qlora.json", {"grid": [{"train_seconds": 9.0}]})  # one rate here, 3 in the study
+    timings = {"train_qlora": {"wall_s": 11.0}, "sweep_qlora": {"wall_s": 12.0}, "report": {"wall_s": 4.0}}
+    full_rows = {"qlora": {"steady_tokens_per_s": 2000.0, "trained_tokens": 8000, "steps": 2}}
+    study = default_params("full")
+    rows = pipeline.extrapolate(timings, default_params("micro"), study, full_rows)
+    run = 5.0 + 3750 * 400 / 1000  # the study's steps at the steady rate, and the first step
+    assert rows["train_qlora"]["study_s"] == pytest.approx(2.0 + run)
+    assert rows["train_qlora"]["study_s_full_rows"] == pytest.approx(2.0 + 5.0 + 3750 * 4000 / 2000)
+    assert rows["sweep_qlora"]["study_rates"] == len(study.sweep.qlora) == 3
+    assert rows["sweep_qlora"]["study_s"] == pytest.approx(3 * (3.0 + run))
+    got = pipeline.totals(rows)
+    assert got["study_s"] == pytest.approx(2.0 + run + 4.0, abs=0.1)  # the seeds' study leaves the sweeps out
+    assert got["study_with_sweeps_s"] == pytest.approx(got["study_s"] + 3 * (3.0 + run), abs=0.1)
+    assert got["study_minutes"] == round(got["study_s"] / 60, 1) and "study_with_sweeps_minutes_full_rows" in got

@@ -66,6 +66,9 @@ def test_compiled_layers_recompute_inside_their_graph_and_learn_the_same(tiny_mo
         model.train()
         assert ("compiled_layers" in levers) == (train["compile"] == "on")
         runs[name] = _loss_grads_saved(model, batch)
+        # Compiled layers attend through transformers' eager attention: with SDPA their weight gradients came out
+        # wrong under an attention mask on a GPU (fastpath.compile_layers); this batch is padded and masked.
+        assert causal_lm(model).config._attn_implementation == ("eager" if train["compile"] == "on" else "sdpa")
         if name == "compiled":
             assert all(not layer.gradient_checkpointing for layer in causal_lm(model).model.layers)
     loss, grads, _ = runs["eager"]

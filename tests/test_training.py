@@ -382,7 +382,7 @@ def test_throughput_sets_apart_compiling_recording_and_projection_steps(monkeypa
         trainer.tokens_trained += 100
         state.global_step += 1
         cb.on_step_end(None, state, None)
-    costs = [cost for _, _, _, cost in cb.steps]
+    costs = [cost for _, _, cost in cb.steps]
     assert costs == ["first_step", "recording", None, "new_shape", None, "recording", "projection", None]
     summary = cb.summary()
     assert summary["batch_shapes"] == 2
@@ -396,7 +396,7 @@ def test_throughput_sets_apart_compiling_recording_and_projection_steps(monkeypa
     trainer.batch_shapes.append((8, 256))
     state.global_step += 1
     eager.on_step_end(None, state, None)
-    assert [cost for _, _, _, cost in eager.steps] == ["first_step", None]
+    assert [cost for _, _, cost in eager.steps] == ["first_step", None]
 
 
 def test_the_hybrid_splits_the_budget_and_sees_the_stream_a_single_method_sees(workdir, tiny_model_dir):
