@@ -86,6 +86,19 @@ def run_seconds(m: dict, steps: int, gap: int | None, full_rows: dict | None = N
     return fixed + (projection * (steps // gap) if gap else 0.0) + steps * per_step / rate
 
 
+def hybrid_rate(records: dict[str, dict], qlora_fraction: float) -> dict | None:
+    """The hybrid's rate from its phases' methods measured apart: QLoRA's steps for ``qlora_fraction`` of the
+    budget, GaLore's for the rest (None unless both were measured)."""
+    if not {"qlora", "galore"} <= records.keys():
+        return None
+    def step_s(r):
+        return r["trained_tokens"] / r["steps"] / r["steady_tokens_per_s"]
+
+    tokens = records["galore"]["trained_tokens"] / records["galore"]["steps"]
+    seconds = qlora_fraction * step_s(records["qlora"]) + (1 - qlora_fraction) * step_s(records["galore"])
+    return {"steady_tokens_per_s": tokens / seconds, "trained_tokens": tokens, "steps": 1}
+
+
 def extrapolate(timings: dict[str, dict], measured: Params, study: Params, full_rows: dict[str, dict]) -> dict:
     """Each stage's time at the study's size, from what it measured here. ``full_rows``: per method, a training
     on rows of max_seq_len tokens, for a second estimate of the trainings and sweeps (``study_s_full_rows``)."""
@@ -101,7 +114,7 @@ def extrapolate(timings: dict[str, dict], measured: Params, study: Params, full_
         if method and train_json.exists() and read_json(train_json).get("steady_tokens_per_s"):
             m = read_json(train_json)
             run = {"": run_seconds(m, steps, gaps.get(method))}
-            if method in full_rows:
+            if full_rows.get(method):
                 run["_full_rows"] = run_seconds(m, steps, gaps.get(method), full_rows[method])
             if name in TRAINED:  # the stage's loading, validation loss and saving as measured, once
                 row.update(tokens_per_s=m["steady_tokens_per_s"], tokens_per_step=round(m["trained_tokens"] / m["steps"], 1),
@@ -192,10 +205,14 @@ def main(argv=None) -> dict:
             fh.write(json.dumps(rec) + "\n")
         print(json.dumps(rec), flush=True)
     measured = load_params()
+    study = default_params("full")
     full_rows = {}
     if args.full_rows:
-        full_rows = {r["method"]: r for r in read_json(args.full_rows)["records"] if r.get("steady_tokens_per_s")}
-    rows = extrapolate({n: done[n] for n in wanted}, measured, default_params("full"), full_rows)
+        got = read_json(args.full_rows)
+        records = got["records"] if isinstance(got, dict) else got  # train_methods.py writes a list
+        full_rows = {r["method"]: r for r in records if r.get("steady_tokens_per_s")}
+        full_rows.setdefault("sequential_ensemble", hybrid_rate(full_rows, study.train_sequential_ensemble.qlora_fraction))
+    rows = extrapolate({n: done[n] for n in wanted}, measured, study, full_rows)
     import torch
 
     ran = [n for n in wanted if done[n]["ran"]]

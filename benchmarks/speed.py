@@ -187,14 +187,15 @@ def build_variant(method: str, variant: str, base_dir: Path, cuda: bool, params:
     params = params or bench_params(variant, cuda)
     spec = method_spec(params, method)
     torch.manual_seed(1)  # LoRA's A matrices: the same draw in both variants
+    plain = variant in ("baseline", *UNSLOTH_CHECKPOINTING)  # the plain optimizer: GaLore's targets alike, no fused AdamW
+    if plain:
+        okw = {**optimizer_kwargs(spec), "optim": spec.optimizer}
     if variant == "baseline":
         model, levers = build_baseline(spec, base_dir, cuda), []
-        okw = {**optimizer_kwargs(spec), "optim": spec.optimizer}  # GaLore's targets alike; no fused AdamW
         enable_checkpointing(model, 0)  # every layer, as Trainer(gradient_checkpointing=True) does
     elif variant in UNSLOTH_CHECKPOINTING:
         model = build_unsloth(spec, variant, base_dir, seq_len)
         levers = [f"unsloth_checkpointing={UNSLOTH_CHECKPOINTING[variant]}"]
-        okw = {**optimizer_kwargs(spec), "optim": spec.optimizer}  # the baseline's optimizer, built alike
     else:
         model, levers, _ = prepare_model(spec, params, base_dir, base_dir.parent)  # checkpointing as params say
         if not spec.quantize_4bit:
@@ -209,8 +210,7 @@ def build_variant(method: str, variant: str, base_dir: Path, cuda: bool, params:
             levers = [lv for lv in levers if lv != "fused_linear_cross_entropy"] + ["trl_fused_lm_head"]
     model.train()
     with tempfile.TemporaryDirectory() as td:
-        opt = make_optimizer(model, okw, spec.learning_rate, cuda, Path(td),
-                             variant not in ("baseline", *UNSLOTH_CHECKPOINTING))
+        opt = make_optimizer(model, okw, spec.learning_rate, cuda, Path(td), not plain)
     return model, opt, levers, okw["optim"]
 
 

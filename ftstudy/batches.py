@@ -90,11 +90,10 @@ class Collator:
 def packed_batches(packing: bool, levers: list[str]) -> bool:
     """Whether batches are packed: ``train.packing``, except into compiled layers.
 
-    On an H200 (torch 2.11, transformers 5.17) compiled Gemma 3 layers computed wrong weight gradients for packed
-    rows of short examples, in the steps that compiled or recorded a new batch shape (the last layer's q_proj
-    gradient 25.0 against 0.0013 uncompiled, the same loss): layer-wise GaLore turned them non-finite and its
-    projection stalled. Padded batches of the same examples, and packed ones in uncompiled layers, were exact.
-    Until that is understood, compiled layers get padded batches.
+    Each packed batch has its own row count, so compiled layers would compile (and record CUDA graphs) for nearly
+    every batch; padded batches come in the collator's few width buckets. Packed rows into compiled layers once
+    computed wrong weight gradients on an H200, but so did padded ones: both through SDPA under a mask, which
+    compiled layers no longer use (``fastpath.compile_layers``). What keeps them padded is the shapes.
     """
     return packing and "compiled_layers" not in levers
 

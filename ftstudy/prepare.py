@@ -68,7 +68,7 @@ def enable_checkpointing(model, keep_activations: int) -> None:
 def prepare_model(spec: MethodSpec, params: Params, base_dir: Path,
                   models_dir: Path) -> tuple[object, list[str], budget.MemoryPlan | None]:
     """The model ``spec`` trains, with the speed levers of ftstudy.fastpath that params and the device call for,
-    and with train.memory_budget_gb the plan that fits it (micro-batch, accumulation, checkpointed layers)."""
+    and with train.memory_budget_gb the plan that fits it (micro-batch and accumulation, every layer checkpointed)."""
     t = params.train
     model = load_start_model(spec, base_dir, models_dir)
     model.config.use_cache = False

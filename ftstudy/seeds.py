@@ -18,9 +18,10 @@ import numpy as np
 from ftstudy.stats import Interval, _interval, bleu_from_stats, bleu_sentence_stats
 
 FOLDER = "data/seeds"
-# What may differ between runs that are aggregated: the training seed, display settings, and where the workers
-# ran (the effective batch is fixed, so spreading it over processes or machines changes rounding, not the run).
-IGNORED = ("seed", "ui", "train.num_processes", "train.nnodes", "train.rdzv_endpoint")
+# What may differ between runs that are aggregated: the training seed, display settings, how often the loss curve
+# got a point, and where the workers ran (the effective batch is fixed, so spreading it over processes or machines
+# changes rounding, not the run).
+IGNORED = ("seed", "ui", "train.logging_steps", "train.num_processes", "train.nnodes", "train.rdzv_endpoint")
 
 
 def _kept(key: str) -> bool:

@@ -81,11 +81,12 @@ def test_the_interval_over_seeds_widens_with_the_spread_between_seeds():
 
 def test_records_made_with_other_params_are_left_out(tmp_path):
     """Other training settings exclude a record; where its workers ran (one process or several machines at
-    the same effective batch) does not."""
+    the same effective batch) and how often its loss was logged do not."""
     current = {**_record(42, {"a": [0.5, 0.5]}), "params": {"train.max_steps": 16}}
     (tmp_path / seeds.FOLDER).mkdir(parents=True)
     for seed, params in ((1, {"train.max_steps": 16, "train.num_processes": 1}), (2, {"train.max_steps": 32}),
-                         (3, {"train.max_steps": 16, "train.nnodes": 2, "train.rdzv_endpoint": "h:1"}),
+                         (3, {"train.max_steps": 16, "train.nnodes": 2, "train.rdzv_endpoint": "h:1",
+                              "train.logging_steps": 10}),
                          (42, {"train.max_steps": 16})):
         rec = {**copy.deepcopy(current), "seed": seed, "params": params}
         (tmp_path / seeds.FOLDER / f"seed-{seed}.json").write_text(json.dumps(rec))

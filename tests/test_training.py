@@ -418,3 +418,46 @@ def test_the_hybrid_splits_the_budget_and_sees_the_stream_a_single_method_sees(w
              (workdir / "live/hybrid/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]]
     assert steps == [1, 2, 3, 4]  # one curve across both phases
     assert 0 < hybrid["validation_loss"] < 20 and 0 < single["validation_loss"] < 20
+
+
+def test_throughput_on_a_gpu_times_steps_without_waiting_for_it(monkeypatch):
+    """On a GPU each step's end is a CUDA event, read once after training: no step makes the host wait for the GPU
+    (it queues the next step meanwhile), and the seconds between events are the steps' seconds."""
+    from types import SimpleNamespace
+
+    from ftstudy.trainer import throughput_callback
+
+    waits = []
+
+    class Event:  # a CUDA event on a fake clock: each records 3 s after the previous one
+        recorded = 0
+
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self):
+            Event.recorded += 1
+            self.t = Event.recorded * 3.0
+
+        def synchronize(self):
+            waits.append("event")
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1000  # milliseconds, as CUDA reports them
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: waits.append("device"))
+    trainer = SimpleNamespace(tokens_trained=0, batch_shapes=[])
+    state = SimpleNamespace(global_step=0)
+    cb = throughput_callback(trainer, compiled=False, cuda_graphs=False, projection_gap=None)
+    cb.on_train_begin(None, state, None)
+    for _ in range(4):
+        trainer.batch_shapes.append((8, 64))
+        trainer.tokens_trained += 30
+        state.global_step += 1
+        cb.on_step_end(None, state, None)
+    assert waits == []  # four steps, no wait
+    summary = cb.summary()
+    assert waits == ["event"]  # one, for the last event, when the summary is read
+    assert summary["step_seconds"] == [3.0] * 4 and summary["steady_tokens_per_s"] == 10.0
