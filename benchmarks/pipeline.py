@@ -157,8 +157,12 @@ def totals(rows: dict[str, dict]) -> dict:
     return {**out, **{minutes[k]: round(v / 60, 1) for k, v in out.items()}}
 
 
-def versions() -> dict:
+def machine() -> dict:
+    """Where stages run: the GPU and the packages, written into each stage's log record, so that an extrapolation
+    made later elsewhere (e.g. with --full-rows on a laptop) still names the machine that measured."""
     from importlib.metadata import PackageNotFoundError, version
+
+    import torch
 
     def installed(name):
         try:
@@ -166,7 +170,9 @@ def versions() -> dict:
         except PackageNotFoundError:
             return None
 
-    return {name: installed(name) for name in ("torch", "transformers", "peft", "bitsandbytes", "galore-torch", "dvc")}
+    return {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "versions": {name: installed(name)
+                         for name in ("torch", "transformers", "peft", "bitsandbytes", "galore-torch", "dvc")}}
 
 
 def main(argv=None) -> dict:
@@ -192,14 +198,14 @@ def main(argv=None) -> dict:
     done = {}
     if args.log.exists():
         done = {r["stage"]: r for r in map(json.loads, args.log.read_text().splitlines())}
-    start = time.perf_counter()
+    start, here = time.perf_counter(), machine()
     for name in wanted:
         if name in done:
             continue
         if time.perf_counter() - start > args.budget_s:
             print(f"budget spent: stopping before {name}; run again to continue", flush=True)
             return {}
-        rec = run_stage(name, args.force)
+        rec = {**run_stage(name, args.force), **here}
         done[name] = rec
         with args.log.open("a") as fh:
             fh.write(json.dumps(rec) + "\n")
@@ -213,13 +219,11 @@ def main(argv=None) -> dict:
         full_rows = {r["method"]: r for r in records if r.get("steady_tokens_per_s")}
         full_rows.setdefault("sequential_ensemble", hybrid_rate(full_rows, study.train_sequential_ensemble.qlora_fraction))
     rows = extrapolate({n: done[n] for n in wanted}, measured, study, full_rows)
-    import torch
-
+    measured_on = next((done[n] for n in wanted if done[n]["ran"] and "versions" in done[n]), here)
     ran = [n for n in wanted if done[n]["ran"]]
     result = {
         "profile": measured.profile, "model_source": measured.model.source,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "command": " ".join(["python", *sys.argv]), "versions": versions(),
+        "gpu": measured_on["gpu"], "command": " ".join(["python", *sys.argv]), "versions": measured_on["versions"],
         "note": "measured on this profile; study_s extrapolates each stage to the full profile's steps, prompts and "
                 "new tokens from the measured rates (generation: its seconds scaled by prompts x new tokens, an upper "
                 "bound); the sweeps to the full profile's rates per method. *_full_rows: the trainings at the rates "

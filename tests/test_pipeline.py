@@ -424,7 +424,9 @@ def test_pipeline_benchmark_times_stages_and_extrapolates_to_the_study(micro_rep
     trained_at = (repo / "metrics/train/qlora.json").stat().st_mtime_ns
     _run(cmd, repo, env)
     assert (repo / "metrics/train/qlora.json").stat().st_mtime_ns == trained_at  # nothing ran again
-    assert len((repo / ".pipeline/timings.jsonl").read_text().splitlines()) == 2
+    log = [json.loads(line) for line in (repo / ".pipeline/timings.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(r["versions"]["torch"] and "gpu" in r for r in log)  # the machine that measured
+    assert got["versions"] == log[0]["versions"] and got["gpu"] == log[0]["gpu"]
     assert json.loads((repo / "timings.json").read_text()) == got
 
 
