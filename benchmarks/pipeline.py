@@ -91,6 +91,7 @@ def hybrid_rate(records: dict[str, dict], qlora_fraction: float) -> dict | None:
     budget, GaLore's for the rest (None unless both were measured)."""
     if not {"qlora", "galore"} <= records.keys():
         return None
+
     def step_s(r):
         return r["trained_tokens"] / r["steps"] / r["steady_tokens_per_s"]
 
@@ -111,8 +112,8 @@ def extrapolate(timings: dict[str, dict], measured: Params, study: Params, full_
         row = {"measured_wall_s": t["wall_s"]}
         method = TRAINED.get(name) or (name.removeprefix("sweep_") if name.startswith("sweep_") else None)
         train_json = Path(f"metrics/train/{method}.json")
-        if method and train_json.exists() and read_json(train_json).get("steady_tokens_per_s"):
-            m = read_json(train_json)
+        m = read_json(train_json) if method and train_json.exists() else {}
+        if m.get("steady_tokens_per_s"):
             run = {"": run_seconds(m, steps, gaps.get(method))}
             if full_rows.get(method):
                 run["_full_rows"] = run_seconds(m, steps, gaps.get(method), full_rows[method])

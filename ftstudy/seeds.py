@@ -24,8 +24,8 @@ FOLDER = "data/seeds"
 IGNORED = ("seed", "ui", "train.logging_steps", "train.num_processes", "train.nnodes", "train.rdzv_endpoint")
 
 
-def _kept(key: str) -> bool:
-    return not any(key == i or key.startswith(i + ".") for i in IGNORED)
+def _without_ignored(flat_params: dict) -> dict:
+    return {k: v for k, v in flat_params.items() if not any(k == i or k.startswith(i + ".") for i in IGNORED)}
 
 
 def flat(d: dict, prefix: str = "") -> dict:
@@ -41,7 +41,7 @@ def flat(d: dict, prefix: str = "") -> dict:
 
 def comparable(params: dict) -> dict:
     """The params two runs must share to be aggregated: all but ``IGNORED``."""
-    return {k: v for k, v in flat(params).items() if _kept(k)}
+    return _without_ignored(flat(params))
 
 
 def run_record(read: Callable[[str], str | None], params: dict, models: list[str], extra_sets: list[str]) -> dict:
@@ -75,7 +75,7 @@ def load_records(root: Path, current: dict) -> tuple[list[dict], list[int]]:
         rec = json.loads(f.read_text())
         if rec["seed"] == current["seed"]:
             continue  # the workspace's own run is read from its outputs
-        if {k: v for k, v in rec["params"].items() if _kept(k)} == current["params"]:  # older records kept more
+        if _without_ignored(rec["params"]) == current["params"]:  # older records kept more
             chosen.append(rec)
         else:
             stale.append(rec["seed"])
