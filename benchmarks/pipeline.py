@@ -72,18 +72,22 @@ def write_params(profile: str, overrides: list[str], out: Path) -> None:
     compose_and_dump(out, os.fspath(ROOT / "conf"), None, "config", "", [f"profile={profile}", *overrides])
 
 
-def run_seconds(m: dict, steps: int, gap: int | None, full_rows: dict | None = None) -> float:
+def run_seconds(m: dict, steps: int, gap: int | None, full_rows: dict | None = None, save_steps: int = 0) -> float:
     """One training run of ``steps`` optimizer steps at the steady rate ``m`` (a training's metrics) measured, plus
     its one-off costs: the first step, compiling and recording each batch shape, GaLore's projections every ``gap``
-    steps. ``full_rows``: the rate and tokens per step of another measurement of the method instead (every row
+    steps, a checkpoint every ``save_steps`` (each at its measured cost; none measured, none counted).
+    ``full_rows``: the rate and tokens per step of another measurement of the method instead (every row
     max_seq_len tokens: benchmarks/train_methods.py --full-rows)."""
     rate, per_step = m["steady_tokens_per_s"], m["trained_tokens"] / m["steps"]
     if full_rows is not None:
         rate, per_step = full_rows["steady_tokens_per_s"], full_rows["trained_tokens"] / full_rows["steps"]
     once, counts = m.get("one_off_seconds", {}), m.get("one_off_steps", {})
-    projection = once.get("projection", 0.0) / counts["projection"] if counts.get("projection") else 0.0
-    fixed = sum(v for k, v in once.items() if k != "projection")
-    return fixed + (projection * (steps // gap) if gap else 0.0) + steps * per_step / rate
+    def each(cost):  # the measured seconds of one such step
+        return once.get(cost, 0.0) / counts[cost] if counts.get(cost) else 0.0
+
+    fixed = sum(v for k, v in once.items() if k not in ("projection", "checkpoint"))
+    recurring = each("projection") * (steps // gap if gap else 0) + each("checkpoint") * (steps // save_steps if save_steps else 0)
+    return fixed + recurring + steps * per_step / rate
 
 
 def hybrid_rate(records: dict[str, dict], qlora_fraction: float) -> dict | None:
@@ -114,12 +118,13 @@ def extrapolate(timings: dict[str, dict], measured: Params, study: Params, full_
         train_json = Path(f"metrics/train/{method}.json")
         m = read_json(train_json) if method and train_json.exists() else {}
         if m.get("steady_tokens_per_s"):
-            run = {"": run_seconds(m, steps, gaps.get(method))}
+            run = {"": run_seconds(m, steps, gaps.get(method), save_steps=study.train.save_steps)}
             if full_rows.get(method):
-                run["_full_rows"] = run_seconds(m, steps, gaps.get(method), full_rows[method])
+                run["_full_rows"] = run_seconds(m, steps, gaps.get(method), full_rows[method], study.train.save_steps)
             if name in TRAINED:  # the stage's loading, validation loss and saving as measured, once
                 row.update(tokens_per_s=m["steady_tokens_per_s"], tokens_per_step=round(m["trained_tokens"] / m["steps"], 1),
-                           peak_memory_gb=m["peak_memory_gb"], study_steps=steps)
+                           peak_memory_gb=m["peak_memory_gb"], study_steps=steps, seconds=m.get("seconds"),
+                           one_off_seconds=m.get("one_off_seconds"), one_off_steps=m.get("one_off_steps"))
                 row.update({f"study_s{k}": round(t["wall_s"] - m["train_seconds"] + v, 1) for k, v in run.items()})
             elif Path(f"metrics/sweep/{method}.json").exists():  # a run per rate: each loads, trains, validates
                 grid = read_json(f"metrics/sweep/{method}.json")["grid"]
@@ -187,6 +192,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--log", type=Path, default=Path(".pipeline/timings.jsonl"))
     parser.add_argument("--full-rows", type=Path, metavar="JSON",
                         help="benchmarks/train_methods.py --full-rows output: also estimate the trainings at its rates")
+    parser.add_argument("--fill-from", type=Path, metavar="JSON",
+                        help="an earlier result of this script: stages missing from the log are not run but taken "
+                             "from it (listed under filled_from), for a run whose machine was lost before the end")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     os.chdir(ROOT)
@@ -199,9 +207,13 @@ def main(argv=None) -> dict:
     done = {}
     if args.log.exists():
         done = {r["stage"]: r for r in map(json.loads, args.log.read_text().splitlines())}
+    earlier = read_json(args.fill_from)["stages"] if args.fill_from else {}
+    filled = [n for n in wanted if n not in done and args.fill_from]
+    if unknown := [n for n in filled if n not in earlier]:
+        raise SystemExit(f"--fill-from {args.fill_from} has no {', '.join(unknown)}: run those stages")
     start, here = time.perf_counter(), machine()
     for name in wanted:
-        if name in done:
+        if name in done or name in filled:
             continue
         if time.perf_counter() - start > args.budget_s:
             print(f"budget spent: stopping before {name}; run again to continue", flush=True)
@@ -219,7 +231,9 @@ def main(argv=None) -> dict:
         records = got["records"] if isinstance(got, dict) else got  # train_methods.py writes a list
         full_rows = {r["method"]: r for r in records if r.get("steady_tokens_per_s")}
         full_rows.setdefault("sequential_ensemble", hybrid_rate(full_rows, study.train_sequential_ensemble.qlora_fraction))
-    rows = extrapolate({n: done[n] for n in wanted}, measured, study, full_rows)
+    rows = extrapolate({n: done[n] for n in wanted if n in done}, measured, study, full_rows)
+    rows = {n: rows[n] if n in rows else {**earlier[n], "filled_from": str(args.fill_from)} for n in wanted}
+    wanted = [n for n in wanted if n in done]
     measured_on = next((done[n] for n in wanted if done[n]["ran"] and "versions" in done[n]), here)
     ran = [n for n in wanted if done[n]["ran"]]
     result = {
@@ -232,14 +246,15 @@ def main(argv=None) -> dict:
         "stages": rows,
         "measured_wall_s": round(sum(done[n]["wall_s"] for n in wanted), 1),
         "skipped": [n for n in wanted if not done[n]["ran"]],
+        "filled_from": {"file": str(args.fill_from), "stages": filled} if filled else None,
         **totals(rows),
     }
     print(f"\n{'stage':30} {'measured s':>11} {'study s':>9}" + ("  full rows" if full_rows else ""))
-    for n in wanted:
+    for n in rows:
         r = rows[n]
         print(f"{n:30} {r['measured_wall_s']:>11.1f} {r.get('study_s', r['measured_wall_s']):>9.1f}"
               + (f" {r['study_s_full_rows']:>10.1f}" if "study_s_full_rows" in r else "")
-              + ("" if n in ran else "  (up to date: skipped)"))
+              + ("" if n in ran else f"  (from {args.fill_from})" if n in filled else "  (up to date: skipped)"))
     print(f"the study: {result['study_minutes']} min; with the learning-rate sweeps: "
           f"{result['study_with_sweeps_minutes']} min" + (
               f" (full rows: {result['study_minutes_full_rows']} / {result['study_with_sweeps_minutes_full_rows']})"

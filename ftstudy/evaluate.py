@@ -10,12 +10,12 @@ import dataclasses
 import hashlib
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
 
 from ftstudy.atomic import read_jsonl, sha256_file, write_json, write_jsonl
+from ftstudy.clock import Clock
 from ftstudy.data import task_families
 from ftstudy.generation import generate
 from ftstudy.heldout import read_test_sets, reference_losses
@@ -33,7 +33,7 @@ def load_for_eval(model_dir: str | Path, base_dir: str | Path):
     device, dtype = device_kind(), compute_dtype()
     model_dir = Path(model_dir)
     if (model_dir / "adapter_config.json").exists():
-        return merged_model(Path(base_dir), model_dir, dtype).to(device).eval()
+        return merged_model(Path(base_dir), model_dir, dtype, device).eval()
     return load_model(model_dir, dtype=dtype, device=device)
 
 
@@ -132,19 +132,6 @@ def evaluate(name: str, model_dir: str | Path, base_dir: str | Path, test_path: 
     return metrics
 
 
-class Clock:
-    """Seconds per phase of an evaluation, each lap from the end of the one before."""
-
-    def __init__(self):
-        self.laps: dict[str, float] = {}
-        self._t = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name] = round(now - self._t, 2)
-        self._t = now
-
-
 JOURNALS = Path("checkpoints/evaluate")
 
 
@@ -157,7 +144,12 @@ def journal_path(predictions_path: str | Path) -> Path:
 def eval_fingerprint(model_dir, base_dir, test_path, p) -> str:
     """What the predictions depend on: model weights, base, test set and generation settings."""
     h = hashlib.sha256(json.dumps(dataclasses.asdict(p), sort_keys=True).encode())
-    for d in dict.fromkeys([Path(base_dir), Path(model_dir)]):
+    base = Path(base_dir)
+    info = base / "fetch_info.json"  # fetch_model wrote every base file's sha256 there: not hashed again
+    h.update(info.read_bytes() if info.exists() else b"")
+    for d in dict.fromkeys([base, Path(model_dir)]):
+        if d == base and info.exists():
+            continue
         for f in sorted(d.glob("*")):
             if f.is_file():
                 h.update(f"{f.name}:{sha256_file(f)}".encode())

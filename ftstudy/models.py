@@ -217,15 +217,17 @@ def load_tokenizer(path: str | Path, padding_side: str = "left"):
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    # Read straight onto the device: no copy in host memory first.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device})
     model.eval()
     return model
 
 
-def merged_model(base_dir: Path, adapter_dir: Path, dtype: torch.dtype):
-    """The base with an adapter merged in, as a plain model (used to evaluate adapters and to chain methods)."""
+def merged_model(base_dir: Path, adapter_dir: Path, dtype: torch.dtype, device: str = "cpu"):
+    """The base with an adapter merged in (on ``device``), as a plain model (used to evaluate adapters and to chain
+    methods)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, device_map={"": device})
     return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()

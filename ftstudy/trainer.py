@@ -96,8 +96,9 @@ def throughput_callback(trainer, compiled: bool, cuda_graphs: bool, projection_g
     One-off costs: the first step (kernel set-up), with compiled layers every step whose batch shape is new
     (compilation), under CUDA graphs every step that meets a shape for the second time (torch records a shape's
     graphs on its second call: 0.7-1.5 s for Gemma 3 1B on an H200, against 0.1 s replayed), and with GaLore
-    every step that recomputes the projections (galore-torch's step counts 0, gap, 2 x gap, ...). They are
-    reported apart, not averaged into the rate.
+    every step that recomputes the projections (galore-torch's step counts 0, gap, 2 x gap, ...), and the step after
+    each checkpoint (its interval holds the saving: ``train.save_steps``). They are reported apart, not averaged
+    into the rate.
     """
     from collections import Counter
 
@@ -108,6 +109,7 @@ def throughput_callback(trainer, compiled: bool, cuda_graphs: bool, projection_g
             self.marks = []  # (clock, tokens trained) at the start and after every step
             self.steps = []  # (step, tokens, what it also paid for, or None)
             self.calls: Counter[tuple] = Counter()  # steps that met each batch shape
+            self.saved = False  # a checkpoint was written since the last step
 
         def _mark(self):
             # On a GPU a CUDA event, read after training: waiting for the GPU here every step would stop the host
@@ -130,10 +132,14 @@ def throughput_callback(trainer, compiled: bool, cuda_graphs: bool, projection_g
             met = {self.calls[shape] for shape in shapes}
             self.calls.update(shapes)
             step = state.global_step - 1
-            cost = ("first_step" if step == self.first else "new_shape" if compiled and 0 in met
-                    else "recording" if cuda_graphs and 1 in met
+            cost = ("first_step" if step == self.first else "checkpoint" if self.saved
+                    else "new_shape" if compiled and 0 in met else "recording" if cuda_graphs and 1 in met
                     else "projection" if projection_gap and step % projection_gap == 0 else None)
+            self.saved = False
             self.steps.append((step, self.marks[-1][1] - self.marks[-2][1], cost))
+
+        def on_save(self, args, state, control, **kwargs):
+            self.saved = True  # written between this step's mark and the next one's
 
         def seconds(self) -> list[float]:
             """Each step's seconds, from its end to the previous one's."""

@@ -22,6 +22,7 @@ from ftstudy import budget, distributed, fastpath
 from ftstudy.atomic import atomic_dir, read_json, read_jsonl, write_json
 from ftstudy.batches import WIDTH_BUCKETS, Collator, packed_batches, tokenize_dataset
 from ftstudy.checkpoints import fingerprint, last_complete_checkpoint, truncate_curves
+from ftstudy.clock import Clock
 from ftstudy.methods import MethodSpec, check_hardware, optimizer_kwargs, phases
 from ftstudy.models import causal_lm, device_kind, load_tokenizer
 from ftstudy.params import Params
@@ -43,6 +44,7 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     """
     from transformers import TrainingArguments, set_seed
 
+    clock = Clock()
     cuda = torch.cuda.is_available()
     check_hardware(spec)
     fastpath.check(params.train.kernels, cuda, params.train.cuda_graphs)
@@ -82,7 +84,9 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     # Rotated, not cut: epochs after the first go on cycling through the same stream a single method sees.
     skip = (spec.skip_steps * t.batch_size * t.grad_accum * distributed.world_size()) % len(records)
     dataset = tokenize_dataset(tokenizer, records[skip:] + records[:skip], t.max_seq_len, t.max_prompt_tokens)
+    clock.lap("data")
     model, levers, plan = prepare_model(spec, params, base_dir, models_dir)
+    clock.lap("model")  # loading, quantising, the adapter, the memory budget's probe
     if plan:  # the same rows per optimizer step, in the micro-batches the memory budget fits
         t = dataclasses.replace(t, batch_size=plan.micro_batch * t.world, grad_accum=plan.grad_accum)
     trainable, total = count_parameters(model)
@@ -123,10 +127,12 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     seconds = time.perf_counter() - start
+    clock.lap("train")  # steps, compilation, checkpoints
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     # Every worker takes part: under FSDP the forward gathers the sharded weights.
     val_loss = (validation_loss(model, tokenizer, read_jsonl(val_path), t, Collator(tokenizer.pad_token_id))
                 if val_path is not None else None)
+    clock.lap("validation")
     devices = distributed.gather({"rank": distributed.rank(), "trained_tokens": trainer.tokens_trained,
                                   "tokens_per_s": round(trainer.tokens_trained / seconds, 2) if seconds else 0.0,
                                   **throughput.summary(),
@@ -150,6 +156,7 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
                 write_json(tmp / "adapter_config.json", {**config, "target_modules": sorted(config["target_modules"])})
         write_json(tmp / "training_config.json", {"spec": asdict(spec), "train": asdict(t), "seed": params.seed,
                                                   "profile": params.profile, "fingerprint": fp})
+    clock.lap("save")
     metrics = {
         "method": spec.name,
         "profile": params.profile,
@@ -161,6 +168,8 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
                               else f"global L2 norm <= {t.max_grad_norm}"),
         "device": device_kind(),
         "train_seconds": round(seconds, 2),
+        # Where the run's time went beside the steps, so its cost at another size can be estimated.
+        "seconds": clock.laps,
         "tokens_per_s": round(trained_tokens / seconds, 2) if seconds else 0.0,
         # Without the steps that paid a one-off cost (compilation, GaLore's projections): the rate a longer run
         # settles at. Those steps' seconds are in one_off_seconds.

@@ -64,18 +64,21 @@ def test_pipeline_extrapolates_trainings_sweeps_and_full_rows_to_the_study(tmp_p
     pipeline = importlib.util.module_from_spec(pspec)
     pspec.loader.exec_module(pipeline)
     monkeypatch.chdir(tmp_path)
-    # 10 steps of 400 tokens at 1,000 tokens/s steady, the first step 5 s more, 2 s of loading and saving
+    # 10 steps of 400 tokens at 1,000 tokens/s steady, the first step 5 s more, two checkpoints 1.5 s each, 2 s of
+    # loading and saving
     write_json("metrics/train/qlora.json", {"steady_tokens_per_s": 1000.0, "trained_tokens": 4000, "steps": 10,
-                                            "train_seconds": 9.0, "peak_memory_gb": 1.0,
-                                            "one_off_seconds": {"first_step": 5.0}, "one_off_steps": {"first_step": 1}})
-    write_json("metrics/sweep/qlora.json", {"grid": [{"train_seconds": 9.0}]})  # one rate here, 3 in the study
-    timings = {"train_qlora": {"wall_s": 11.0}, "sweep_qlora": {"wall_s": 12.0}, "report": {"wall_s": 4.0}}
+                                            "train_seconds": 12.0, "peak_memory_gb": 1.0,
+                                            "one_off_seconds": {"first_step": 5.0, "checkpoint": 3.0},
+                                            "one_off_steps": {"first_step": 1, "checkpoint": 2}})
+    write_json("metrics/sweep/qlora.json", {"grid": [{"train_seconds": 12.0}]})  # one rate here, 3 in the study
+    timings = {"train_qlora": {"wall_s": 14.0}, "sweep_qlora": {"wall_s": 15.0}, "report": {"wall_s": 4.0}}
     full_rows = {"qlora": {"steady_tokens_per_s": 2000.0, "trained_tokens": 8000, "steps": 2}}
     study = default_params("full")
     rows = pipeline.extrapolate(timings, default_params("micro"), study, full_rows)
-    run = 5.0 + 3750 * 400 / 1000  # the study's steps at the steady rate, and the first step
+    checkpoints = 1.5 * (3750 // study.train.save_steps)  # the study's, at the measured cost of one
+    run = 5.0 + checkpoints + 3750 * 400 / 1000  # the study's steps at the steady rate, and the first step
     assert rows["train_qlora"]["study_s"] == pytest.approx(2.0 + run)
-    assert rows["train_qlora"]["study_s_full_rows"] == pytest.approx(2.0 + 5.0 + 3750 * 4000 / 2000)
+    assert rows["train_qlora"]["study_s_full_rows"] == pytest.approx(2.0 + 5.0 + checkpoints + 3750 * 4000 / 2000)
     assert rows["sweep_qlora"]["study_rates"] == len(study.sweep.qlora) == 3
     assert rows["sweep_qlora"]["study_s"] == pytest.approx(3 * (3.0 + run))
     got = pipeline.totals(rows)

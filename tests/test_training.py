@@ -364,9 +364,10 @@ def test_the_hybrids_checkpoints_are_tied_to_the_qlora_adapter_it_starts_from(tm
     assert fingerprint(spec, default_params(), tmp_path / "train.jsonl", tmp_path / "models") != before
 
 
-def test_throughput_sets_apart_compiling_recording_and_projection_steps(monkeypatch):
+def test_throughput_sets_apart_compiling_recording_projection_and_checkpoint_steps(monkeypatch):
     """Steady tokens/s leaves out the steps that pay a one-off cost: the first, a new batch shape's compilation,
-    under CUDA graphs a shape's second step (torch records its graphs then), and GaLore's projection steps."""
+    under CUDA graphs a shape's second step (torch records its graphs then), GaLore's projection steps, and the step
+    after a checkpoint (its interval holds the saving)."""
     from types import SimpleNamespace
 
     from ftstudy.trainer import throughput_callback
@@ -377,17 +378,21 @@ def test_throughput_sets_apart_compiling_recording_and_projection_steps(monkeypa
     state = SimpleNamespace(global_step=0)
     cb = throughput_callback(trainer, compiled=True, cuda_graphs=True, projection_gap=6)
     cb.on_train_begin(None, state, None)
-    for width in (64, 64, 64, 128, 64, 128, 128, 64):
+    for width in (64, 64, 64, 128, 64, 128, 128, 64, 64, 64):
         trainer.batch_shapes.append((8, width))
         trainer.tokens_trained += 100
         state.global_step += 1
         cb.on_step_end(None, state, None)
+        if state.global_step == 8:
+            cb.on_save(None, state, None)  # the Trainer saves after on_step_end
     costs = [cost for _, _, cost in cb.steps]
-    assert costs == ["first_step", "recording", None, "new_shape", None, "recording", "projection", None]
+    assert costs == ["first_step", "recording", None, "new_shape", None, "recording", "projection", None,
+                     "checkpoint", None]
     summary = cb.summary()
     assert summary["batch_shapes"] == 2
-    assert summary["one_off_steps"] == {"first_step": 1, "recording": 2, "new_shape": 1, "projection": 1}
-    assert summary["step_seconds"] == [2] * 8 and summary["steady_tokens_per_s"] == 50.0
+    assert summary["one_off_steps"] == {"first_step": 1, "recording": 2, "new_shape": 1, "projection": 1,
+                                        "checkpoint": 1}
+    assert summary["step_seconds"] == [2] * 10 and summary["steady_tokens_per_s"] == 50.0
     eager = throughput_callback(trainer, compiled=False, cuda_graphs=False, projection_gap=None)
     eager.on_train_begin(None, state, None)
     trainer.batch_shapes.append((8, 64))
