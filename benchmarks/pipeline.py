@@ -195,6 +195,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--fill-from", type=Path, metavar="JSON",
                         help="an earlier result of this script: stages missing from the log are not run but taken "
                              "from it (listed under filled_from), for a run whose machine was lost before the end")
+    parser.add_argument("--note", default="", help="how the run was made, added to the result's note")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     os.chdir(ROOT)
@@ -242,7 +243,8 @@ def main(argv=None) -> dict:
         "note": "measured on this profile; study_s extrapolates each stage to the full profile's steps, prompts and "
                 "new tokens from the measured rates (generation: its seconds scaled by prompts x new tokens, an upper "
                 "bound); the sweeps to the full profile's rates per method. *_full_rows: the trainings at the rates "
-                f"of {args.full_rows} (every row max_seq_len tokens) instead of this profile's rows",
+                f"of {args.full_rows} (every row max_seq_len tokens) instead of this profile's rows"
+                + (f". {args.note}" if args.note else ""),
         "stages": rows,
         "measured_wall_s": round(sum(done[n]["wall_s"] for n in wanted), 1),
         "skipped": [n for n in wanted if not done[n]["ran"]],

@@ -29,7 +29,7 @@ from ftstudy.arch import GEMMA3_1B  # noqa: E402
 from ftstudy.atomic import write_json, write_jsonl  # noqa: E402
 from ftstudy.methods import METHODS  # noqa: E402
 from ftstudy.models import tiny_config, train_tiny_tokenizer  # noqa: E402
-from ftstudy.params import default_params  # noqa: E402
+from ftstudy.params import FULL_PARAMETER_OPTIMIZERS, default_params  # noqa: E402
 from ftstudy.prompt import IGNORE_INDEX  # noqa: E402
 from ftstudy.sources import convert_rows  # noqa: E402
 from ftstudy.training import train_method  # noqa: E402
@@ -158,6 +158,12 @@ def main() -> None:
     parser.add_argument("--logging-steps", type=int, default=10,
                         help="train.logging_steps (the full profile's 10: a logged loss makes the host wait for the GPU)")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="train.compile")
+    parser.add_argument("--cuda-graphs", choices=["auto", "off"], default="auto", help="train.cuda_graphs (with compile)")
+    parser.add_argument("--galore-optimizer", choices=FULL_PARAMETER_OPTIMIZERS,
+                        help="GaLore's and the hybrid's optimizer (default: the 8-bit layer-wise one on a GPU, the "
+                             "32-bit one on a CPU)")
+    parser.add_argument("--galore-lr", type=float, help="GaLore's and the hybrid's learning rate (default: the embedded "
+                        "profile's, tuned for the 270M model)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -172,15 +178,17 @@ def main() -> None:
         _trace_trainer(*args.trace, work / "traces")
 
     p = default_params()
-    galore_opt = "galore_adamw_8bit_layerwise" if cuda else "galore_adamw_layerwise"
+    galore_opt = args.galore_optimizer or ("galore_adamw_8bit_layerwise" if cuda else "galore_adamw_layerwise")
+    galore_lr = {"learning_rate": args.galore_lr} if args.galore_lr else {}
     p = dataclasses.replace(
         p, train=dataclasses.replace(p.train, batch_size=args.batch, save_steps=10**6, warmup_steps=0,
                                      max_seq_len=args.seq_len, compile=args.compile,
-                                     cuda_graphs="off" if args.compile == "off" else "auto", max_prompt_tokens=max_prompt,
+                                     cuda_graphs="off" if args.compile == "off" else args.cuda_graphs,
+                                     max_prompt_tokens=max_prompt,
                                      gradient_checkpointing=args.gradient_checkpointing, max_steps=args.steps,
                                      memory_budget_gb=args.memory_budget_gb, logging_steps=args.logging_steps),
-        train_galore=dataclasses.replace(p.train_galore, optimizer=galore_opt),
-        train_sequential_ensemble=dataclasses.replace(p.train_sequential_ensemble, optimizer=galore_opt),
+        train_galore=dataclasses.replace(p.train_galore, optimizer=galore_opt, **galore_lr),
+        train_sequential_ensemble=dataclasses.replace(p.train_sequential_ensemble, optimizer=galore_opt, **galore_lr),
         ui=dataclasses.replace(p.ui, progress_bar=False),
     )
     results = []

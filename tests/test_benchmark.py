@@ -1,6 +1,7 @@
 """The speed benchmark's CPU run: the project's loss path trains exactly like the plain HF one."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,23 @@ def test_pipeline_extrapolates_trainings_sweeps_and_full_rows_to_the_study(tmp_p
     assert got["study_s"] == pytest.approx(2.0 + run + 4.0, abs=0.1)  # the seeds' study leaves the sweeps out
     assert got["study_with_sweeps_s"] == pytest.approx(got["study_s"] + 3 * (3.0 + run), abs=0.1)
     assert got["study_minutes"] == round(got["study_s"] / 60, 1) and "study_with_sweeps_minutes_full_rows" in got
+
+
+def test_pipeline_fills_stages_a_lost_machine_never_ran_from_an_earlier_result(tmp_path):
+    """--fill-from: stages missing from the log are not run but taken from an earlier result, and named as such."""
+    from ftstudy.atomic import read_json, write_json
+
+    pspec = importlib.util.spec_from_file_location("pipeline_bench", Path(__file__).parents[1] / "benchmarks/pipeline.py")
+    pipeline = importlib.util.module_from_spec(pspec)
+    pspec.loader.exec_module(pipeline)
+    log = tmp_path / "timings.jsonl"
+    log.write_text(json.dumps({"stage": "fetch_data", "wall_s": 3.0, "ran": True, "gpu": "G", "versions": {}}) + "\n")
+    write_json(tmp_path / "earlier.json", {"stages": {"report": {"measured_wall_s": 10.0}}})
+    args = ["--stages", "fetch_data", "report", "--log", str(log), "--out", str(tmp_path / "out.json")]
+    got = pipeline.main([*args, "--fill-from", str(tmp_path / "earlier.json")])
+    assert got["stages"]["report"] == {"measured_wall_s": 10.0, "filled_from": str(tmp_path / "earlier.json")}
+    assert got["filled_from"]["stages"] == ["report"] and got["study_s"] == 13.0 and got["measured_wall_s"] == 3.0
+    assert read_json(tmp_path / "out.json")["study_s"] == 13.0
+    write_json(tmp_path / "earlier.json", {"stages": {}})
+    with pytest.raises(SystemExit, match="has no report"):
+        pipeline.main([*args, "--fill-from", str(tmp_path / "earlier.json")])
