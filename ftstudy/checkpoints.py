@@ -37,6 +37,17 @@ def truncate_curves(live_dir: Path, last_step: int) -> None:
         tsv.write_text("\n".join(kept) + "\n")
 
 
+def code_fingerprint() -> str:
+    """The project's own code: the ftstudy package and the stage scripts. Work a killed stage left behind
+    (checkpoints, a sweep's finished rates) is resumed only by the code that made it: DVC reruns a stage whose code
+    changed, and that rerun starts afresh."""
+    package = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted([*package.glob("*.py"), *(package.parent / "stages").glob("*.py")]):
+        h.update(f"{f.parent.name}/{f.name}:".encode() + f.read_bytes())
+    return h.hexdigest()
+
+
 def fingerprint(spec: MethodSpec, params: Params, train_path: Path, models_dir: Path) -> str:
     """What a checkpoint was made from; a checkpoint is resumed only when this matches.
 

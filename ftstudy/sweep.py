@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from ftstudy.atomic import write_json
+from ftstudy.checkpoints import code_fingerprint
 from ftstudy.params import Params, to_dict
 from ftstudy.training import train_method
 
@@ -59,8 +60,10 @@ def sweep_method(method: str, params: Params, *, data_dir: str | Path, base_dir:
 
 def _key(params: Params, data_dir: Path, base_dir: str | Path) -> str:
     """What one rate's run depends on: every param but the cosmetic ones (the hybrid's QLoRA phase reads
-    train_qlora), the training and validation rows, and the base weights (fetch_info.json hashes every file)."""
+    train_qlora), the training and validation rows, the base weights (fetch_info.json hashes every file) and the
+    code."""
     h = hashlib.sha256(json.dumps({k: v for k, v in to_dict(params).items() if k != "ui"}, sort_keys=True).encode())
+    h.update(code_fingerprint().encode())
     for f in (data_dir / "train.jsonl", data_dir / "val.jsonl", Path(base_dir) / "fetch_info.json"):
         h.update(f.read_bytes())
     return h.hexdigest()[:16]

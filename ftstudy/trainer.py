@@ -107,7 +107,7 @@ def throughput_callback(trainer, compiled: bool, cuda_graphs: bool, projection_g
     class Throughput(TrainerCallback):
         def __init__(self):
             self.marks = []  # (clock, tokens trained) at the start and after every step
-            self.steps = []  # (step, tokens, what it also paid for, or None)
+            self.costs = []  # per step: the one-off cost it also paid for, or None
             self.calls: Counter[tuple] = Counter()  # steps that met each batch shape
             self.saved = False  # a checkpoint was written since the last step
 
@@ -136,7 +136,7 @@ def throughput_callback(trainer, compiled: bool, cuda_graphs: bool, projection_g
                     else "new_shape" if compiled and 0 in met else "recording" if cuda_graphs and 1 in met
                     else "projection" if projection_gap and step % projection_gap == 0 else None)
             self.saved = False
-            self.steps.append((step, self.marks[-1][1] - self.marks[-2][1], cost))
+            self.costs.append(cost)
 
         def on_save(self, args, state, control, **kwargs):
             self.saved = True  # written between this step's mark and the next one's
@@ -150,7 +150,8 @@ def throughput_callback(trainer, compiled: bool, cuda_graphs: bool, projection_g
             return [round(b - a, 4) for a, b in itertools.pairwise(clocks)]
 
         def summary(self) -> dict:
-            timed = [(s, k, cost) for s, (_, k, cost) in zip(self.seconds(), self.steps, strict=True)]
+            tokens = [b - a for (_, a), (_, b) in itertools.pairwise(self.marks)]
+            timed = list(zip(self.seconds(), tokens, self.costs, strict=True))
             steady = [(s, k) for s, k, cost in timed if cost is None]
             once, count = {}, {}
             for s, _, cost in timed:

@@ -21,7 +21,7 @@ import torch
 from ftstudy import budget, distributed, fastpath
 from ftstudy.atomic import atomic_dir, read_json, read_jsonl, write_json
 from ftstudy.batches import WIDTH_BUCKETS, Collator, packed_batches, tokenize_dataset
-from ftstudy.checkpoints import fingerprint, last_complete_checkpoint, truncate_curves
+from ftstudy.checkpoints import code_fingerprint, fingerprint, last_complete_checkpoint, truncate_curves
 from ftstudy.clock import Clock
 from ftstudy.methods import MethodSpec, check_hardware, optimizer_kwargs, phases
 from ftstudy.models import causal_lm, device_kind, load_tokenizer
@@ -57,13 +57,13 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     models_dir, ckpt_dir, train_path = Path(models_dir), Path(ckpt_dir), Path(train_path)
     base_dir = models_dir / "base"
     fp = fingerprint(spec, params, train_path, models_dir)
-    stamp = ckpt_dir / "fingerprint.txt"
+    stamp, made_by = ckpt_dir / "fingerprint.txt", f"{fp}\n{code_fingerprint()}"
     with distributed.main_first():
         if main:
-            if ckpt_dir.exists() and (not stamp.exists() or stamp.read_text() != fp):
-                shutil.rmtree(ckpt_dir)  # made from other params or data: resuming it would mix two runs
+            if ckpt_dir.exists() and (not stamp.exists() or stamp.read_text() != made_by):
+                shutil.rmtree(ckpt_dir)  # made from other params, data or code: resuming it would mix two runs
             ckpt_dir.mkdir(parents=True, exist_ok=True)
-            stamp.write_text(fp)
+            stamp.write_text(made_by)
         last = last_complete_checkpoint(ckpt_dir)
     resumed_from = int(last.name.split("-")[-1]) if last else 0
     if last and main:

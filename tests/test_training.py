@@ -199,6 +199,21 @@ def _train(workdir, params, name):
                  out_dir=workdir / "models" / name, ckpt_dir=workdir / "ck" / name, live_dir=workdir / "live" / name)
 
 
+def test_checkpoints_are_resumed_only_by_the_code_that_made_them(workdir, tiny_model_dir, monkeypatch):
+    """A stage rerun after its code changed (DVC reruns it then) starts afresh instead of resuming the old code's
+    checkpoints; the same code resumes them."""
+    import shutil
+
+    monkeypatch.setenv("FTSTUDY_KEEP_CHECKPOINTS", "1")  # what a killed run leaves behind
+    params = _tiny_params(tiny_model_dir, 2, train_lora_wide=dict(lora_r=4, lora_alpha=8))
+    assert _train(workdir, params, "lora_wide")["resumed_from_step"] == 0
+    shutil.rmtree(workdir / "models" / "lora_wide")
+    assert _train(workdir, params, "lora_wide")["resumed_from_step"] == 2  # same code: resumed
+    shutil.rmtree(workdir / "models" / "lora_wide")
+    monkeypatch.setattr("ftstudy.training.code_fingerprint", lambda: "other code")
+    assert _train(workdir, params, "lora_wide")["resumed_from_step"] == 0
+
+
 def test_lora_trains_the_adapter_and_leaves_the_base_alone(workdir, tiny_model_dir):
     from safetensors.torch import load_file
 
@@ -385,7 +400,7 @@ def test_throughput_sets_apart_compiling_recording_projection_and_checkpoint_ste
         cb.on_step_end(None, state, None)
         if state.global_step == 8:
             cb.on_save(None, state, None)  # the Trainer saves after on_step_end
-    costs = [cost for _, _, cost in cb.steps]
+    costs = cb.costs
     assert costs == ["first_step", "recording", None, "new_shape", None, "recording", "projection", None,
                      "checkpoint", None]
     summary = cb.summary()
@@ -401,7 +416,7 @@ def test_throughput_sets_apart_compiling_recording_projection_and_checkpoint_ste
     trainer.batch_shapes.append((8, 256))
     state.global_step += 1
     eager.on_step_end(None, state, None)
-    assert [cost for _, _, cost in eager.steps] == ["first_step", None]
+    assert eager.costs == ["first_step", None]
 
 
 def test_the_hybrid_splits_the_budget_and_sees_the_stream_a_single_method_sees(workdir, tiny_model_dir):
