@@ -258,6 +258,29 @@ def plan_budget(method: str, base_dir: Path, budget_gb: float, rows: list[int], 
     raise SystemExit(f"{method}: no candidate of --budget-rows fits {budget_gb:.2f} GB")
 
 
+def start_trace(cuda: bool):
+    """A torch profiler over the host and, on a GPU, the device; already entered."""
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    prof = torch.profiler.profile(activities=acts)
+    prof.__enter__()
+    return prof
+
+
+def end_trace(prof, steps: int, wall_s: float, cuda: bool) -> tuple[dict, str]:
+    """Stop ``prof`` after ``steps`` steps that took ``wall_s``: per step the wall and device-busy seconds and the
+    costliest device operations (a wall well above the busy time means the host holds the GPU up), and the
+    profiler's tables."""
+    prof.__exit__(None, None, None)
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events if not e.key.startswith("## ")) / 1e6 / steps
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
+    summary = {"wall_s_per_step": round(wall_s / steps, 4), "device_busy_s_per_step": round(busy, 4),
+               "top_device_ops": {e.key[:80]: round(e.self_device_time_total / 1e6 / steps, 5) for e in top}}
+    tables = (events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=25)
+              + "\n" + events.table(sort_by="cpu_time_total", row_limit=20))
+    return summary, tables
+
+
 def run_worker(method: str, variant: str, base_dir: Path, batches: list[dict], warmup: int,
                keep_activations: int = 0, trace_dir: Path | None = None, budget_rows: list[int] = (),
                prompt_frac: float = 0.5, vocab: int = 0) -> dict:
@@ -282,9 +305,7 @@ def run_worker(method: str, variant: str, base_dir: Path, batches: list[dict], w
     prof = None
     for step, b in enumerate(batches):
         if trace_dir and step == warmup + 2:  # a few timed steps under the profiler (timed apart, below)
-            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
-                                          + ([torch.profiler.ProfilerActivity.CUDA] if cuda else []))
-            prof.__enter__()
+            prof = start_trace(cuda)
             traced, t_traced = 0, time.perf_counter()
         if step == warmup and cuda:
             # CUDA graphs allocate their memory while recording, in the warm-up; replays allocate nothing, so
@@ -308,15 +329,11 @@ def run_worker(method: str, variant: str, base_dir: Path, batches: list[dict], w
             times.append(time.perf_counter() - t0)
         losses.append(round(float(loss.detach()), 5))
         if prof is not None and traced == 4:
-            wall = (time.perf_counter() - t_traced) / traced
-            prof.__exit__(None, None, None)
-            events = prof.key_averages()
-            busy = sum(e.self_device_time_total for e in events if not e.key.startswith("## ")) / 1e6 / traced
+            summary, tables = end_trace(prof, traced, time.perf_counter() - t_traced, cuda)
             trace_dir.mkdir(parents=True, exist_ok=True)
             (trace_dir / f"trace_{method}_{variant}.txt").write_text(
-                f"wall s/step {wall:.4f} (profiled), device busy s/step {busy:.4f}\n"
-                + events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=25)
-                + "\n" + events.table(sort_by="cpu_time_total", row_limit=20))
+                f"wall s/step {summary['wall_s_per_step']:.4f} (profiled), device busy s/step "
+                f"{summary['device_busy_s_per_step']:.4f}\n{tables}")
             prof = None
     rec = {"tokens_per_s": round(batches[0]["input_ids"].numel() / statistics.median(times), 1),
            "loss": losses[-1], "losses": losses, "optimizer": optim, "levers": levers,

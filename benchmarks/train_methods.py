@@ -24,6 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from speed import end_trace, start_trace  # noqa: E402
+
 from ftstudy import synthetic  # noqa: E402
 from ftstudy.arch import GEMMA3_1B  # noqa: E402
 from ftstudy.atomic import write_json, write_jsonl  # noqa: E402
@@ -99,30 +101,16 @@ def _trace_trainer(first: int, last: int, out: Path) -> None:
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == first:
                 torch.cuda.synchronize() if torch.cuda.is_available() else None
-                acts = [torch.profiler.ProfilerActivity.CPU]
-                if torch.cuda.is_available():
-                    acts.append(torch.profiler.ProfilerActivity.CUDA)
-                self.prof = torch.profiler.profile(activities=acts)
-                self.prof.__enter__()
-                self.t0 = time.perf_counter()
+                self.prof, self.t0 = start_trace(torch.cuda.is_available()), time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == last + 1 and hasattr(self, "prof"):
                 torch.cuda.synchronize() if torch.cuda.is_available() else None
-                wall = time.perf_counter() - self.t0
-                self.prof.__exit__(None, None, None)
-                events = self.prof.key_averages()
-                steps = last - first + 1
-                device_s = sum(e.self_device_time_total for e in events if not e.key.startswith("## ")) / 1e6
-                print(events.table(sort_by="self_device_time_total" if torch.cuda.is_available()
-                                   else "self_cpu_time_total", row_limit=25), flush=True)
-                print(events.table(sort_by="cpu_time_total", row_limit=15), flush=True)
-                top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
+                summary, tables = end_trace(self.prof, last - first + 1, time.perf_counter() - self.t0,
+                                            torch.cuda.is_available())
+                print(tables, flush=True)
                 out.mkdir(parents=True, exist_ok=True)
-                write_json(out / "last.json", {
-                    "steps": [first, last], "wall_s_per_step": round(wall / steps, 4),
-                    "device_busy_s_per_step": round(device_s / steps, 4),
-                    "top_device_ops": {e.key[:80]: round(e.self_device_time_total / 1e6 / steps, 5) for e in top}})
+                write_json(out / "last.json", {"steps": [first, last], **summary})
                 del self.prof
 
     def traced():

@@ -46,12 +46,14 @@ def runs_from_exp_show(entries: list[dict]) -> list[dict]:
 
 
 def same_but_seed(runs: list[dict], reference: dict) -> list[dict]:
-    """Runs whose params equal ``reference`` (a params.yaml dict) apart from the training seed, one per seed."""
+    """Runs whose params equal ``reference`` (a params.yaml dict) apart from the training seed, one per seed, each
+    with its params validated and defaults filled in (``parsed``)."""
     want = seeds.comparable(to_dict(parse_params(reference)))
     by_seed: dict = {}
     for r in runs:
-        if seeds.comparable(to_dict(parse_params(r["params"]))) == want:
-            by_seed.setdefault(r["params"]["seed"], r)
+        parsed = to_dict(parse_params(r["params"]))
+        if seeds.comparable(parsed) == want:
+            by_seed.setdefault(r["params"]["seed"], {**r, "parsed": parsed})
     return list(by_seed.values())
 
 
@@ -77,7 +79,7 @@ def collect(runs: list[dict], reference: dict, read_at, out_dir: Path) -> list[i
             print(f"{run['name']} (seed {seed}): its dvc.lock does not record a training at seed {seed} (queued, "
                   "running or failed): skipped", file=sys.stderr)
             continue
-        params = to_dict(parse_params(run["params"]))
+        params = run["parsed"]
         record = seeds.run_record(lambda path, rev=run["rev"]: read_at(rev, path), params, MODEL_ORDER,
                                   params["evaluate"]["extra_test_sets"])
         if not record["models"]:
