@@ -14,9 +14,10 @@ so a run that must be spread over several calls (a lent GPU runs one command for
 where the last call stopped: ``--budget-s`` stops before a stage once that many seconds have passed.
 
 The extrapolation to the study reads the full profile (conf/profile/full.yaml): its steps per method, rates per
-sweep, test prompts and new tokens, and scales what each stage measured: a training by its steady tokens/s plus
-its one-off costs (the first step, compiling and recording each batch shape, GaLore's projections repeated at the
-study's projection interval) plus the stage's load and save time; a sweep as that many runs of its method's
+sweep, test prompts and new tokens, and scales what each stage measured: a training by its steady tokens/s (the
+hybrid's QLoRA phase at train_qlora's, its GaLore phase at its own) plus its one-off costs (the first step,
+compiling and recording each batch shape, GaLore's projections repeated at the study's projection interval, a
+checkpoint every save_steps of the study) plus the stage's load and save time; a sweep as that many runs of its method's
 training, each with the load and validation it measured; generation by its seconds scaled by the prompts x new
 tokens (an upper bound; 1 where the profile evaluates the study's prompts, as study_random does); the re-rank
 likewise. Data stages and the report are taken as measured. ``study_s`` is the study as the seeds define it
@@ -72,22 +73,21 @@ def write_params(profile: str, overrides: list[str], out: Path) -> None:
     compose_and_dump(out, os.fspath(ROOT / "conf"), None, "config", "", [f"profile={profile}", *overrides])
 
 
-def run_seconds(m: dict, steps: int, gap: int | None, full_rows: dict | None = None, save_steps: int = 0) -> float:
+def run_seconds(m: dict, steps: int, gap: int | None, rate: dict | None = None, save_steps: int = 0) -> float:
     """One training run of ``steps`` optimizer steps at the steady rate ``m`` (a training's metrics) measured, plus
     its one-off costs: the first step, compiling and recording each batch shape, GaLore's projections every ``gap``
     steps, a checkpoint every ``save_steps`` (each at its measured cost; none measured, none counted).
-    ``full_rows``: the rate and tokens per step of another measurement of the method instead (every row
-    max_seq_len tokens: benchmarks/train_methods.py --full-rows)."""
-    rate, per_step = m["steady_tokens_per_s"], m["trained_tokens"] / m["steps"]
-    if full_rows is not None:
-        rate, per_step = full_rows["steady_tokens_per_s"], full_rows["trained_tokens"] / full_rows["steps"]
+    ``rate``: the steady rate and tokens per step of another measurement instead (every row max_seq_len tokens:
+    benchmarks/train_methods.py --full-rows; the hybrid's from its phases)."""
+    r = m if rate is None else rate
+    tokens_per_s, per_step = r["steady_tokens_per_s"], r["trained_tokens"] / r["steps"]
     once, counts = m.get("one_off_seconds", {}), m.get("one_off_steps", {})
     def each(cost):  # the measured seconds of one such step
         return once.get(cost, 0.0) / counts[cost] if counts.get(cost) else 0.0
 
     fixed = sum(v for k, v in once.items() if k not in ("projection", "checkpoint"))
     recurring = each("projection") * (steps // gap if gap else 0) + each("checkpoint") * (steps // save_steps if save_steps else 0)
-    return fixed + recurring + steps * per_step / rate
+    return fixed + recurring + steps * per_step / tokens_per_s
 
 
 def hybrid_rate(records: dict[str, dict], qlora_fraction: float) -> dict | None:
@@ -118,9 +118,19 @@ def extrapolate(timings: dict[str, dict], measured: Params, study: Params, full_
         train_json = Path(f"metrics/train/{method}.json")
         m = read_json(train_json) if method and train_json.exists() else {}
         if m.get("steady_tokens_per_s"):
-            run = {"": run_seconds(m, steps, gaps.get(method), save_steps=study.train.save_steps)}
+            own, first_phase = None, 0.0
+            if method == "sequential_ensemble" and Path("metrics/train/qlora.json").exists():
+                # The hybrid's metrics hold its GaLore phase's rate and one-off costs; its QLoRA phase steps at
+                # train_qlora's rate, and what that phase took beyond its steps is a one-off cost too.
+                q = read_json("metrics/train/qlora.json")
+                own = hybrid_rate({"qlora": q, "galore": m}, study.train_sequential_ensemble.qlora_fraction)
+                p0 = m["phases"][0]
+                first_phase = max(0.0, p0["train_seconds"] - p0["steps"] * q["trained_tokens"] / q["steps"]
+                                  / q["steady_tokens_per_s"])
+            run = {"": first_phase + run_seconds(m, steps, gaps.get(method), own, study.train.save_steps)}
             if full_rows.get(method):
-                run["_full_rows"] = run_seconds(m, steps, gaps.get(method), full_rows[method], study.train.save_steps)
+                run["_full_rows"] = first_phase + run_seconds(m, steps, gaps.get(method), full_rows[method],
+                                                              study.train.save_steps)
             if name in TRAINED:  # the stage's loading, validation loss and saving as measured, once
                 row.update(tokens_per_s=m["steady_tokens_per_s"], tokens_per_step=round(m["trained_tokens"] / m["steps"], 1),
                            peak_memory_gb=m["peak_memory_gb"], study_steps=steps, seconds=m.get("seconds"),

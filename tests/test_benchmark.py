@@ -85,6 +85,16 @@ def test_pipeline_extrapolates_trainings_sweeps_and_full_rows_to_the_study(tmp_p
     assert rows["train_qlora"]["study_s_full_rows"] == pytest.approx(2.0 + 5.0 + checkpoints + 3750 * 4000 / 2000)
     assert rows["sweep_qlora"]["study_rates"] == len(study.sweep.qlora) == 3
     assert rows["sweep_qlora"]["study_s"] == pytest.approx(3 * (3.0 + run))
+    # The hybrid: its GaLore phase's rate (500 tokens/s) and one-off costs in its metrics, its QLoRA phase at
+    # train_qlora's rate, and what the QLoRA phase took beyond its steps (4 s - 5 x 0.4 s) counted once.
+    write_json("metrics/train/sequential_ensemble.json", {
+        "steady_tokens_per_s": 500.0, "trained_tokens": 4000, "steps": 10, "train_seconds": 12.0, "peak_memory_gb": 1.0,
+        "one_off_seconds": {"first_step": 3.0}, "one_off_steps": {"first_step": 1},
+        "phases": [{"train_seconds": 4.0, "steps": 5}, {"train_seconds": 8.0, "steps": 5}]})
+    f = study.train_sequential_ensemble.qlora_fraction
+    hybrid = pipeline.extrapolate({"train_sequential_ensemble": {"wall_s": 20.0}}, default_params("micro"), study, {})
+    step = f * 400 / 1000 + (1 - f) * 400 / 500
+    assert hybrid["train_sequential_ensemble"]["study_s"] == pytest.approx(8.0 + 2.0 + 3.0 + 3750 * step, abs=0.1)
     got = pipeline.totals(rows)
     assert got["study_s"] == pytest.approx(2.0 + run + 4.0, abs=0.1)  # the seeds' study leaves the sweeps out
     assert got["study_with_sweeps_s"] == pytest.approx(got["study_s"] + 3 * (3.0 + run), abs=0.1)
