@@ -126,6 +126,41 @@ def _trace_trainer(first: int, last: int, out: Path) -> None:
     training.completion_trainer_class = traced
 
 
+def _record_gradients(log: list[dict]) -> None:
+    """Every optimizer step of layer-wise GaLore: each weight's gradient norm as its hook receives it (before any
+    update), the step's batch shape and, named, the five largest: where a gradient norm that explodes comes from.
+    Waits for the GPU at every weight: a diagnosis, not a timing."""
+    from ftstudy import galore, trainer
+
+    init, hook, step, loss = (galore.LayerwiseGaLore.__init__, galore.LayerwiseGaLore._hook,
+                              galore.LayerwiseGaLore.step, trainer.completion_loss)
+    seen = {"shape": None}
+
+    def named_init(self, model, *a, **k):
+        init(self, model, *a, **k)
+        self.names, self.norms = {id(p): n for n, p in model.named_parameters()}, {}
+
+    def recording_hook(self, p):
+        if p.grad is not None:
+            self.norms[self.names[id(p)]] = float(torch.linalg.vector_norm(p.grad, dtype=torch.float32))
+        hook(self, p)
+
+    def recording_step(self, closure=None):
+        norms = self.norms
+        total = sum(v * v for v in norms.values()) ** 0.5
+        log.append({"shape": seen["shape"], "grad_norm": round(total, 4),
+                    "largest": {n: round(v, 4) for n, v in sorted(norms.items(), key=lambda kv: -kv[1])[:5]}})
+        self.norms = {}
+        return step(self, closure)
+
+    def shape_loss(model, input_ids, *a, **k):
+        seen["shape"] = list(input_ids.shape)
+        return loss(model, input_ids, *a, **k)
+
+    galore.LayerwiseGaLore.__init__, galore.LayerwiseGaLore._hook = named_init, recording_hook
+    galore.LayerwiseGaLore.step, trainer.completion_loss = recording_step, shape_loss
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=["gemma-3-1b", "tiny"], default="gemma-3-1b")
@@ -141,6 +176,8 @@ def main() -> None:
     parser.add_argument("--trace", nargs=2, type=int, metavar=("FIRST", "LAST"),
                         help="profile optimizer steps FIRST..LAST of each method: GPU kernel time per step against "
                              "wall time, and the costliest operations")
+    parser.add_argument("--grad-norms", action="store_true",
+                        help="layer-wise GaLore: record every step's gradient norms by weight (slow: a diagnosis)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--memory-budget-gb", type=float, default=0.0, help="train.memory_budget_gb (GPU)")
     parser.add_argument("--logging-steps", type=int, default=10,
@@ -164,6 +201,9 @@ def main() -> None:
     write_train_data(work / "train.jsonl", join=join)
     if args.trace:
         _trace_trainer(*args.trace, work / "traces")
+    grad_log: list[dict] = []
+    if args.grad_norms:
+        _record_gradients(grad_log)
 
     p = default_params()
     galore_opt = args.galore_optimizer or ("galore_adamw_8bit_layerwise" if cuda else "galore_adamw_layerwise")
@@ -191,6 +231,8 @@ def main() -> None:
         m["profile"] = f"benchmark: the {p.profile} profile's settings above, random {args.arch} weights, generated rows"
         m["gpu"] = torch.cuda.get_device_name() if cuda else None
         m["rows"] = _row_shape(work / "models" / "base", work / "train.jsonl", p)
+        if args.grad_norms:
+            m["grad_norms"], grad_log[:] = list(grad_log), []
         if args.trace:
             trace = work / "traces" / "last.json"
             m["trace"] = json.loads(trace.read_text()) if trace.exists() else None
