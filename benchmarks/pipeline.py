@@ -104,9 +104,25 @@ def hybrid_rate(records: dict[str, dict], qlora_fraction: float) -> dict | None:
     return {"steady_tokens_per_s": tokens / seconds, "trained_tokens": tokens, "steps": 1}
 
 
-def extrapolate(timings: dict[str, dict], measured: Params, study: Params, full_rows: dict[str, dict]) -> dict:
+def stage_metrics(name: str) -> dict[str, dict]:
+    """The metrics a stage wrote, by path, read as it ends. They go into the log: a lent machine gets the working
+    tree again at every call, committed metrics included, so a run spread over several calls would otherwise read
+    the committed files in place of what its earlier calls measured."""
+    method = TRAINED.get(name) or (name.removeprefix("sweep_") if name.startswith("sweep_") else None)
+    path = (f"metrics/train/{method}.json" if name in TRAINED else f"metrics/sweep/{method}.json" if method
+            else f"metrics/eval/{name.split('@')[1]}.json" if name.startswith("evaluate@")
+            else "metrics/eval/rerank.json" if name == "evaluate_rerank" else None)
+    return {path: read_json(path)} if path and Path(path).exists() else {}
+
+
+def extrapolate(timings: dict[str, dict], measured: Params, study: Params, full_rows: dict[str, dict],
+                written: dict[str, dict] | None = None) -> dict:
     """Each stage's time at the study's size, from what it measured here. ``full_rows``: per method, a training
-    on rows of max_seq_len tokens, for a second estimate of the trainings and sweeps (``study_s_full_rows``)."""
+    on rows of max_seq_len tokens, for a second estimate of the trainings and sweeps (``study_s_full_rows``).
+    ``written``: metrics by path as the stages wrote them (the log's); a path missing there is read from disk."""
+    def load(path: str) -> dict | None:
+        return (written or {}).get(path) or (read_json(path) if Path(path).exists() else None)
+
     steps = study.train.max_steps  # one budget for every method; the hybrid's two phases share it
     gaps = {m: getattr(study, f"train_{m}").update_proj_gap for m in ("galore", "sequential_ensemble")}
     prompts = study.data.test_per_source * len(study.data.sources)
@@ -115,14 +131,12 @@ def extrapolate(timings: dict[str, dict], measured: Params, study: Params, full_
     for name, t in timings.items():
         row = {"measured_wall_s": t["wall_s"]}
         method = TRAINED.get(name) or (name.removeprefix("sweep_") if name.startswith("sweep_") else None)
-        train_json = Path(f"metrics/train/{method}.json")
-        m = read_json(train_json) if method and train_json.exists() else {}
+        m = (load(f"metrics/train/{method}.json") if method else None) or {}
         if m.get("steady_tokens_per_s"):
             own, first_phase = None, 0.0
-            if method == "sequential_ensemble" and Path("metrics/train/qlora.json").exists():
+            if method == "sequential_ensemble" and (q := load("metrics/train/qlora.json")):
                 # The hybrid's metrics hold its GaLore phase's rate and one-off costs; its QLoRA phase steps at
                 # train_qlora's rate, and what that phase took beyond its steps is a one-off cost too.
-                q = read_json("metrics/train/qlora.json")
                 own = hybrid_rate({"qlora": q, "galore": m}, study.train_sequential_ensemble.qlora_fraction)
                 p0 = m["phases"][0]
                 first_phase = max(0.0, p0["train_seconds"] - p0["steps"] * q["trained_tokens"] / q["steps"]
@@ -136,20 +150,20 @@ def extrapolate(timings: dict[str, dict], measured: Params, study: Params, full_
                            peak_memory_gb=m["peak_memory_gb"], study_steps=steps, seconds=m.get("seconds"),
                            one_off_seconds=m.get("one_off_seconds"), one_off_steps=m.get("one_off_steps"))
                 row.update({f"study_s{k}": round(t["wall_s"] - m["train_seconds"] + v, 1) for k, v in run.items()})
-            elif Path(f"metrics/sweep/{method}.json").exists():  # a run per rate: each loads, trains, validates
-                grid = read_json(f"metrics/sweep/{method}.json")["grid"]
+            elif sweep := load(f"metrics/sweep/{method}.json"):  # a run per rate: each loads, trains, validates
+                grid = sweep["grid"]
                 rates = len(getattr(study.sweep, method))
                 per_run = (t["wall_s"] - sum(r["train_seconds"] for r in grid)) / len(grid)
                 row.update(study_rates=rates, study_steps=steps)
                 row.update({f"study_s{k}": round(rates * (per_run + v), 1) for k, v in run.items()})
-        elif name.startswith("evaluate@") and Path(f"metrics/eval/{name.split('@')[1]}.json").exists():
-            g = read_json(f"metrics/eval/{name.split('@')[1]}.json")["generation"]
+        elif name.startswith("evaluate@") and (e := load(f"metrics/eval/{name.split('@')[1]}.json")):
+            g = e["generation"]
             scale = prompts / measured_prompts * study.evaluate.max_new_tokens / measured.evaluate.max_new_tokens
             row.update(generated_tokens_per_s=g["generated_tokens_per_s"], generate_seconds=g["generate_seconds"],
                        seconds=g.get("seconds"), study_generated_tokens=prompts * study.evaluate.max_new_tokens,
                        study_s=round(t["wall_s"] - g["generate_seconds"] + g["generate_seconds"] * scale, 1))
-        elif name == "evaluate_rerank" and Path("metrics/eval/rerank.json").exists():
-            g = read_json("metrics/eval/rerank.json")["generation"]
+        elif name == "evaluate_rerank" and (e := load("metrics/eval/rerank.json")):
+            g = e["generation"]
             scale = prompts / measured_prompts * study.rerank.k / measured.rerank.k
             row.update(seconds=g.get("seconds"),
                        study_s=round(t["wall_s"] - g["generate_seconds"] + g["generate_seconds"] * scale, 1))
@@ -230,10 +244,12 @@ def main(argv=None) -> dict:
             print(f"budget spent: stopping before {name}; run again to continue", flush=True)
             return {}
         rec = {**run_stage(name, args.force), **here}
+        if rec["ran"]:
+            rec["metrics"] = stage_metrics(name)
         done[name] = rec
         with args.log.open("a") as fh:
             fh.write(json.dumps(rec) + "\n")
-        print(json.dumps(rec), flush=True)
+        print(json.dumps({k: v for k, v in rec.items() if k != "metrics"}), flush=True)
     measured = load_params()
     study = default_params("full")
     full_rows = {}
@@ -242,7 +258,8 @@ def main(argv=None) -> dict:
         records = got["records"] if isinstance(got, dict) else got  # train_methods.py writes a list
         full_rows = {r["method"]: r for r in records if r.get("steady_tokens_per_s")}
         full_rows.setdefault("sequential_ensemble", hybrid_rate(full_rows, study.train_sequential_ensemble.qlora_fraction))
-    rows = extrapolate({n: done[n] for n in wanted if n in done}, measured, study, full_rows)
+    written = {path: m for rec in done.values() for path, m in rec.get("metrics", {}).items()}
+    rows = extrapolate({n: done[n] for n in wanted if n in done}, measured, study, full_rows, written)
     rows = {n: rows[n] if n in rows else {**earlier[n], "filled_from": str(args.fill_from)} for n in wanted}
     wanted = [n for n in wanted if n in done]
     measured_on = next((done[n] for n in wanted if done[n]["ran"] and "versions" in done[n]), here)

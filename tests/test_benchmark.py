@@ -61,7 +61,7 @@ def test_speed_counts_model_flops_per_token_as_written_down():
 def test_pipeline_extrapolates_trainings_sweeps_and_full_rows_to_the_study(tmp_path, monkeypatch):
     """benchmarks/pipeline.py's arithmetic: a training's 3,750 steps at its steady rate plus its one-off costs, a
     sweep as one such run per rate of the full profile, and the same at another measurement's full-row rate."""
-    from ftstudy.atomic import write_json
+    from ftstudy.atomic import read_json, write_json
     from ftstudy.params import default_params
 
     pspec = importlib.util.spec_from_file_location("pipeline_bench", Path(__file__).parents[1] / "benchmarks/pipeline.py")
@@ -83,6 +83,11 @@ def test_pipeline_extrapolates_trainings_sweeps_and_full_rows_to_the_study(tmp_p
     run = 5.0 + checkpoints + 3750 * 400 / 1000  # the study's steps at the steady rate, and the first step
     assert rows["train_qlora"]["study_s"] == pytest.approx(2.0 + run)
     assert rows["train_qlora"]["study_s_full_rows"] == pytest.approx(2.0 + 5.0 + checkpoints + 3750 * 4000 / 2000)
+    # Metrics the log kept as the stage wrote them come before the file on disk (a later call's checkout
+    # restores the committed one): the same training at twice the rate.
+    logged = {"metrics/train/qlora.json": {**read_json("metrics/train/qlora.json"), "steady_tokens_per_s": 2000.0}}
+    again = pipeline.extrapolate({"train_qlora": {"wall_s": 14.0}}, default_params("micro"), study, {}, logged)
+    assert again["train_qlora"]["study_s"] == pytest.approx(2.0 + run - 3750 * 400 / 2000)
     assert rows["sweep_qlora"]["study_rates"] == len(study.sweep.qlora) == 3
     assert rows["sweep_qlora"]["study_s"] == pytest.approx(3 * (3.0 + run))
     # The hybrid: its GaLore phase's rate (500 tokens/s) and one-off costs in its metrics, its QLoRA phase at

@@ -426,13 +426,16 @@ def test_pipeline_benchmark_times_stages_and_extrapolates_to_the_study(micro_rep
     assert (repo / "metrics/train/qlora.json").stat().st_mtime_ns == trained_at  # nothing ran again
     log = [json.loads(line) for line in (repo / ".pipeline/timings.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(r["versions"]["torch"] and "gpu" in r for r in log)  # the machine that measured
+    # The metrics as each stage wrote them: a later call on a lent machine may find the committed files instead.
+    assert log[0]["metrics"] == {"metrics/train/qlora.json": json.loads((repo / "metrics/train/qlora.json").read_text())}
     assert got["versions"] == log[0]["versions"] and got["gpu"] == log[0]["gpu"]
     assert json.loads((repo / "timings.json").read_text()) == got
 
 
 # Imported by nearly every stage as plumbing (params schema, atomic writes, errors, the hub guard, reference shapes,
-# the data generator that models' tiny tokenizer trains on): neither required as deps nor followed.
-PLUMBING = {"params", "atomic", "errors", "hub", "arch", "synthetic", "__init__"}
+# the data generator that models' tiny tokenizer trains on, the stopwatch of the timing metrics): neither required as
+# deps nor followed.
+PLUMBING = {"params", "atomic", "errors", "hub", "arch", "synthetic", "clock", "__init__"}
 
 
 def _ftstudy_imports(path: Path, seen: set[str]) -> set[str]:
