@@ -207,7 +207,7 @@ def main() -> None:
 
     p = default_params()
     galore_opt = args.galore_optimizer or ("galore_adamw_8bit_layerwise" if cuda else "galore_adamw_layerwise")
-    galore_lr = {"learning_rate": args.galore_lr} if args.galore_lr else {}
+    galore_lr = {"learning_rate": args.galore_lr} if args.galore_lr is not None else {}
     p = dataclasses.replace(
         p, train=dataclasses.replace(p.train, batch_size=args.batch, save_steps=10**6, warmup_steps=0,
                                      max_seq_len=args.seq_len, compile=args.compile,
