@@ -266,7 +266,9 @@ def main(argv=None) -> dict:
     ran = [n for n in wanted if done[n]["ran"]]
     result = {
         "profile": measured.profile, "model_source": measured.model.source,
-        "gpu": measured_on["gpu"], "command": " ".join(["python", *sys.argv]), "versions": measured_on["versions"],
+        "gpu": measured_on["gpu"], "versions": measured_on["versions"],
+        "command": " ".join(["python", *(a for i, a in enumerate(sys.argv)  # the note goes in the note
+                                         if "--note" not in (a, sys.argv[i - 1] if i else ""))]),
         "note": "measured on this profile; study_s extrapolates each stage to the full profile's steps, prompts and "
                 "new tokens from the measured rates (generation: its seconds scaled by prompts x new tokens, an upper "
                 "bound); the sweeps to the full profile's rates per method. *_full_rows: the trainings at the rates "
