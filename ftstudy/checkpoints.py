@@ -30,11 +30,21 @@ def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
 
 
 def truncate_curves(live_dir: Path, last_step: int) -> None:
-    """Drop curve rows logged after the checkpoint being resumed, which the resumed run logs again."""
+    """Drop curve rows logged after the checkpoint being resumed, which the resumed run logs again, and what a kill
+    left half-written: a row cut short, dvclive's summary (metrics.json, rewritten at the next point) cut mid-file."""
     for tsv in live_dir.glob("plots/metrics/**/*.tsv"):
         lines = tsv.read_text().splitlines()
-        kept = lines[:1] + [ln for ln in lines[1:] if int(ln.split("\t")[0]) <= last_step]
+        width = len(lines[0].split("\t")) if lines else 0
+        kept = lines[:1] + [ln for ln in lines[1:] if len(cells := ln.split("\t")) == width and cells[0].isdigit()
+                            and int(cells[0]) <= last_step]
         tsv.write_text("\n".join(kept) + "\n")
+    summary = live_dir / "metrics.json"
+    try:
+        json.loads(summary.read_text())
+    except FileNotFoundError:
+        pass
+    except ValueError:  # dvclive would fail to resume on it
+        summary.unlink()
 
 
 def code_fingerprint() -> str:

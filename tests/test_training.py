@@ -481,3 +481,20 @@ def test_throughput_on_a_gpu_times_steps_without_waiting_for_it(monkeypatch):
     summary = cb.summary()
     assert waits == ["event"]  # one, for the last event, when the summary is read
     assert summary["step_seconds"] == [3.0] * 4 and summary["steady_tokens_per_s"] == 10.0
+
+
+def test_resumed_curves_drop_what_a_kill_left_half_written(tmp_path):
+    """A run killed while dvclive wrote its files resumes: rows after the checkpoint and a row cut short are dropped,
+    and a summary cut mid-file (which dvclive could not read back) is removed."""
+    from ftstudy.checkpoints import truncate_curves
+
+    tsv = tmp_path / "plots/metrics/train/loss.tsv"
+    tsv.parent.mkdir(parents=True)
+    tsv.write_text("step\tloss\n1\t2.5\n2\t2.4\n3\t2.3\n1")  # killed while writing step 14's row
+    (tmp_path / "metrics.json").write_text('{"step": 1')
+    truncate_curves(tmp_path, 2)
+    assert tsv.read_text() == "step\tloss\n1\t2.5\n2\t2.4\n"
+    assert not (tmp_path / "metrics.json").exists()
+    (tmp_path / "metrics.json").write_text('{"step": 2}')
+    truncate_curves(tmp_path, 2)
+    assert (tmp_path / "metrics.json").exists()  # a whole summary stays
