@@ -233,7 +233,7 @@ def main(argv=None) -> dict:
     if args.log.exists():
         done = {r["stage"]: r for r in map(json.loads, args.log.read_text().splitlines())}
     earlier = read_json(args.fill_from)["stages"] if args.fill_from else {}
-    filled = [n for n in wanted if n not in done and args.fill_from]
+    filled = [n for n in wanted if n not in done] if args.fill_from else []
     if unknown := [n for n in filled if n not in earlier]:
         raise SystemExit(f"--fill-from {args.fill_from} has no {', '.join(unknown)}: run those stages")
     start, here = time.perf_counter(), machine()
