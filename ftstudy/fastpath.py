@@ -77,20 +77,61 @@ def compile_layers(model, cuda_graphs: bool = False, shapes: int = 8) -> None:
         # per-layer graphs that gains no overlap and its split backward failed on 2 H200s (a tangent of the
         # wrong rank with wide LoRA). DDP then reduces each layer's gradients after its compiled backward.
         torch._dynamo.config.optimize_ddp = False
-    options = {"mode": "reduce-overhead", "dynamic": False} if cuda_graphs else {}
+    # Inductor's loop reordering after fusion (on by default) generated a wrong kernel in the backward of compiled
+    # Gemma 3 layers on an H200 (torch 2.11) for static shapes: query-projection gradients 10^4-10^5 times too large
+    # in every layer at batch width 128, right at 256, while the loss was right; LoRA hid it, full-parameter GaLore
+    # diverged. Off, the gradients match the uncompiled model's (benchmarks/compiled_grads.py --inductor).
+    inductor = {"loop_ordering_after_fusion": False}
+    if cuda_graphs:  # mode="reduce-overhead" is these CUDA graphs; torch.compile takes a mode or options, not both
+        inductor["triton.cudagraphs"] = True
+    options = {"options": inductor, **({"dynamic": False} if cuda_graphs else {})}
     if cuda_graphs:  # the layers share their graphs (their weights are graph inputs): one entry per batch shape
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
-    # Attention inside compiled layers is transformers' eager implementation, which the compiler fuses. With SDPA,
-    # compiled Gemma 3 layers on an H200 (torch 2.11, transformers 5.24) computed wrong weight gradients whenever a
-    # batch carried an attention mask, padded or packed, with every SDPA kernel, while the loss was right
-    # (benchmarks/packed_grads.py --padded: layer 0's q_proj gradient 60 against 0.037 uncompiled; compiled eager
-    # attention: equal). Full-parameter GaLore then diverged. Rows without padding were unaffected.
-    causal_lm(model).set_attn_implementation("eager")
+    use_grouped_attention(model)
     for layer in causal_lm(model).model.layers:
         trace_4bit_linears(layer)
         if getattr(layer, "gradient_checkpointing", False):
             recompute_inside(layer)
         layer.compile(**options)
+
+
+GROUPED_ATTENTION = "ftstudy_grouped"
+
+
+def use_grouped_attention(model) -> None:
+    """Attention inside compiled layers: :func:`grouped_attention`, which the compiler fuses.
+
+    Not SDPA: compiled Gemma 3 layers on an H200 (torch 2.11) computed wrong weight gradients through SDPA under an
+    attention mask. Not transformers' eager attention either: on a CPU (torch 2.13) inductor's vectorised kernels
+    for the backward of its keys, RMS-normed, rotated and then repeated for the query heads sharing them
+    (``repeat_kv``'s expand), gave NaN key gradients for static shapes, with the loss right
+    (tests/test_fastpath.py). Grouping the queries instead needs no repeat.
+    """
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import eager_mask
+
+    AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
+    AttentionMaskInterface.register(GROUPED_ATTENTION, eager_mask)  # an additive mask, as eager attention takes
+    causal_lm(model).set_attn_implementation(GROUPED_ATTENTION)
+
+
+def grouped_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                      softcap: float | None = None, **kwargs):
+    """transformers' eager attention (fp32 softmax, additive mask), with each key/value head's query heads
+    stacked along the sequence instead of its keys and values repeated for them: the same products, no copies."""
+    b, heads, t, d = query.shape
+    kv, s = key.shape[1], key.shape[2]
+    scaling = d**-0.5 if scaling is None else scaling
+    grouped = query.reshape(b, kv, heads // kv * t, d)  # heads kv*g .. kv*g+g-1 share key head kv, as in repeat_kv
+    weights = torch.matmul(grouped, key.transpose(2, 3)).view(b, heads, t, s) * scaling
+    if softcap is not None:
+        weights = torch.tanh(weights / softcap) * softcap
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights.view(b, kv, heads // kv * t, s), value).view(b, heads, t, value.shape[-1])
+    return out.transpose(1, 2).contiguous(), weights
 
 
 def recompute_inside(layer) -> None:

@@ -66,9 +66,9 @@ def test_compiled_layers_recompute_inside_their_graph_and_learn_the_same(tiny_mo
         model.train()
         assert ("compiled_layers" in levers) == (train["compile"] == "on")
         runs[name] = _loss_grads_saved(model, batch)
-        # Compiled layers attend through transformers' eager attention: with SDPA their weight gradients came out
-        # wrong under an attention mask on a GPU (fastpath.compile_layers); this batch is padded and masked.
-        assert causal_lm(model).config._attn_implementation == ("eager" if train["compile"] == "on" else "sdpa")
+        # Compiled layers attend through fastpath.grouped_attention (why there); this batch is padded and masked.
+        want = fastpath.GROUPED_ATTENTION if train["compile"] == "on" else "sdpa"
+        assert causal_lm(model).config._attn_implementation == want
         if name == "compiled":
             assert all(not layer.gradient_checkpointing for layer in causal_lm(model).model.layers)
     loss, grads, _ = runs["eager"]
@@ -136,3 +136,50 @@ def test_width_buckets_give_a_few_batch_shapes_for_compiled_layers():
     assert Collator(0, row_len=12, width_buckets=4)(examples[1:])["input_ids"].shape == (2, 3)
     assert Collator(0, row_len=12, width_buckets=1)(examples[1:])["input_ids"].shape == (2, 12)
     assert Collator(0, row_len=12)(examples[1:])["input_ids"].shape == (2, 3)
+
+def _full_parameter_grads(compiled: bool, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    """A bf16 Gemma 3 layer with four query heads sharing one key/value head, trained in full (as GaLore is)."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=64, pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="eager")
+    model.config.use_cache = False
+    if compiled:
+        fastpath.compile_layers(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = completion_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    loss.backward()
+    return loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}
+
+
+def test_compiled_layers_give_every_weight_its_gradient_with_shared_key_heads(tiny_tokenizer):
+    """Full-parameter training needs every weight's gradient right, not only the loss. Inductor compiled the
+    backward of transformers' eager attention (RMS-normed, rotated keys repeated for the query heads sharing them)
+    wrongly for static shapes: NaN key gradients here, wrong query gradients on an H200, where GaLore diverged.
+    Compiled layers attend through fastpath.grouped_attention instead."""
+    torch._dynamo.reset()
+    batch = Collator(tiny_tokenizer.pad_token_id, row_len=64, width_buckets=2)(
+        [{"input_ids": list(range(3, 3 + n)), "labels": [-100] * (n // 2) + list(range(3 + n // 2, 3 + n))}
+         for n in (50, 40)])  # padded to 64 tokens (the fault needs some length)
+    ref_loss, ref = _full_parameter_grads(False, batch)
+    loss, got = _full_parameter_grads(True, batch)
+    assert loss == pytest.approx(ref_loss, rel=1e-2)
+    for n, g in ref.items():
+        assert torch.isfinite(got[n]).all(), n
+        assert (got[n] - g).norm() <= 0.05 * g.norm() + 1e-6, n
+
+
+def test_grouped_attention_is_eager_attention():
+    """The same numbers as transformers' eager attention (which repeats keys and values per query head)."""
+    from transformers.models.gemma3.modeling_gemma3 import eager_attention_forward
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.head_dim = 3, 16
+    q, k, v = torch.randn(2, 6, 10, 16), torch.randn(2, 2, 10, 16), torch.randn(2, 2, 10, 16)
+    mask = torch.zeros(2, 1, 10, 10).masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), torch.finfo().min)
+    want, want_w = eager_attention_forward(module, q, k, v, mask, scaling=0.25)
+    got, got_w = fastpath.grouped_attention(module, q, k, v, mask, scaling=0.25)
+    assert torch.allclose(got, want, atol=1e-6) and torch.allclose(got_w, want_w, atol=1e-6)

@@ -1,0 +1,161 @@
+"""Do compiled layers (and their CUDA graphs) give every weight the gradient the uncompiled model gives? (GPU)
+
+    python benchmarks/compiled_grads.py --out compiled_grads.json
+
+A diagnosis for full-parameter training (GaLore), where every weight's gradient counts. It builds gemma-3-1b's
+architecture with random bf16 weights, makes padded batches in two widths as the training stages do (8 short
+rows, then 8 rows of five joined: the collator's width buckets), and computes, for each call of a sequence
+alternating between them, the norm of every weight's gradient: once uncompiled (the reference), then through
+``fastpath.compile_layers`` without and with CUDA graphs, every layer checkpointed. The gradients are read and
+dropped in each weight's post-accumulate hook, as layer-wise GaLore does. A variant whose every call stays within
+``--tol`` of the reference on every weight is clear; otherwise the worst weights are printed per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import functools
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch._inductor.config
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from train_methods import write_train_data  # noqa: E402
+
+from ftstudy import fastpath  # noqa: E402
+from ftstudy.arch import GEMMA3_1B  # noqa: E402
+from ftstudy.atomic import read_jsonl, write_json  # noqa: E402
+from ftstudy.batches import Collator, tokenize_dataset  # noqa: E402
+from ftstudy.loss import completion_loss  # noqa: E402
+from ftstudy.models import train_tiny_tokenizer  # noqa: E402
+from ftstudy.prepare import enable_checkpointing  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # a CPU runs it as a smoke test (no CUDA graphs there)
+
+
+def make(layers: int):
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = AutoModelForCausalLM.from_config(Gemma3TextConfig(**{**GEMMA3_1B, "num_hidden_layers": layers}),
+                                                 dtype=torch.bfloat16, attn_implementation="eager")
+    model.config.use_cache = False
+    model.requires_grad_(True)
+    return model
+
+
+def batches(rows: int, seq_len: int) -> list[dict]:
+    """Two padded batches of ``rows`` examples, of different widths."""
+    tokenizer = train_tiny_tokenizer(512, seed=0)
+    out = []
+    for join in (1, 5):
+        path = Path(f"/tmp/compiled_grads_{join}.jsonl")
+        write_train_data(path, join=join)
+        examples = tokenize_dataset(tokenizer, read_jsonl(path)[:rows], seq_len, seq_len * 3 // 4)
+        batch = Collator(0, width_buckets=4, row_len=seq_len)(examples)
+        batch.pop("num_tokens")
+        out.append({k: v.to(DEVICE) for k, v in batch.items()})
+    return out
+
+
+class Norms:
+    """Each weight's gradient norm, taken (on the device) and the gradient dropped in its post-accumulate hook."""
+
+    def __init__(self, model):
+        self.named = dict(model.named_parameters())
+        self.got: dict[str, torch.Tensor] = {}
+        for name, p in self.named.items():
+            p.register_post_accumulate_grad_hook(lambda p, name=name: self._hook(name, p))
+
+    @torch.no_grad()
+    def _hook(self, name, p):
+        self.got[name] = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+        p.grad = None
+
+    def call(self, model, batch) -> tuple[float, dict[str, float]]:
+        self.got = {}
+        torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = completion_loss(model, batch["input_ids"], batch.get("attention_mask"), batch["labels"])
+        loss.backward()
+        names = list(self.got)
+        values = torch.stack([self.got[n] for n in names]).tolist()
+        return loss.item(), dict(zip(names, values, strict=True))
+
+
+def compare(got: dict[str, float], ref: dict[str, float], tol: float) -> dict:
+    rel = {n: abs(got.get(n, 0.0) - r) / max(r, 1e-6) for n, r in ref.items()}
+    rel = {n: v if v == v else float("inf") for n, v in rel.items()}  # a NaN norm is as far off as can be
+    worst = sorted(rel, key=lambda n: -rel[n])[:4]
+    return {"total_norm": round(sum(v * v for v in got.values()) ** 0.5, 4),
+            "missing": sorted(set(ref) - set(got))[:4], "off": sum(v > tol for v in rel.values()),
+            "nan": sorted(n for n, v in got.items() if v != v)[:6],
+            "worst": {n: [round(got.get(n, 0.0), 5), round(ref[n], 5)] for n in worst}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=26)
+    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--calls", type=int, default=6, help="calls per variant, alternating the two widths")
+    parser.add_argument("--variants", nargs="+", default=["compiled", "cuda_graphs"],
+                        choices=["compiled", "cuda_graphs", "aot_eager"])
+    parser.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="torch._inductor.config settings for the compiled variants (e.g. triton.max_tiles=1), to "
+                             "find the part of the compiler at fault")
+    parser.add_argument("--tol", type=float, default=0.05, help="relative difference of a weight's gradient norm")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    for setting in args.inductor:
+        key, value = setting.split("=", 1)
+        *path, name = key.split(".")
+        setattr(functools.reduce(getattr, path, torch._inductor.config), name, ast.literal_eval(value))
+    data = batches(args.rows, args.seq_len)
+    results = {"shapes": [list(b["input_ids"].shape) for b in data]}
+
+    model = make(args.layers)
+    enable_checkpointing(model, 0)
+    norms = Norms(model)
+    reference = [norms.call(model, b) for b in data]
+    results["reference"] = [{"loss": round(loss, 4), "total_norm": round(sum(v * v for v in g.values()) ** 0.5, 4)}
+                            for loss, g in reference]
+    print("reference", results["reference"], flush=True)
+    del model, norms
+    for variant in args.variants:
+        torch._dynamo.reset()
+        model = make(args.layers)
+        enable_checkpointing(model, 0)
+        compile_ = torch.nn.Module.compile
+        if variant == "aot_eager":  # AOTAutograd's graphs run without inductor: tells its codegen from the rest
+            torch.nn.Module.compile = lambda self, **kw: compile_(self, backend="aot_eager", **kw)
+        try:
+            fastpath.compile_layers(model, cuda_graphs=variant == "cuda_graphs", shapes=2)
+        finally:
+            torch.nn.Module.compile = compile_
+        norms = Norms(model)
+        rows = []
+        for i in range(args.calls):
+            start = time.perf_counter()
+            loss, got = norms.call(model, data[i % 2])
+            row = {"call": i, "width": data[i % 2]["input_ids"].shape[1], "loss": round(loss, 4),
+                   "ref_loss": results["reference"][i % 2]["loss"], "seconds": round(time.perf_counter() - start, 2),
+                   **compare(got, reference[i % 2][1], args.tol)}
+            rows.append(row)
+            print(variant, row, flush=True)
+        results[variant] = rows
+        del model, norms
+    if args.out:
+        write_json(args.out, results)
+
+
+if __name__ == "__main__":
+    main()
