@@ -136,7 +136,7 @@ def main() -> None:
         enable_checkpointing(model, 0)
         compile_ = torch.nn.Module.compile
         if variant == "aot_eager":  # AOTAutograd's graphs run without inductor: tells its codegen from the rest
-            torch.nn.Module.compile = lambda self, **kw: compile_(self, backend="aot_eager", **kw)
+            torch.nn.Module.compile = lambda self, _compile=compile_, **kw: _compile(self, backend="aot_eager", **kw)
         try:
             fastpath.compile_layers(model, cuda_graphs=variant == "cuda_graphs", shapes=2)
         finally:
