@@ -1,14 +1,19 @@
 """Do compiled layers (and their CUDA graphs) give every weight the gradient the uncompiled model gives? (GPU)
 
     python benchmarks/compiled_grads.py --out compiled_grads.json
+    python benchmarks/compiled_grads.py --layers 2 --calls 1 --variants compiled --inductor triton.max_tiles=1
 
-A diagnosis for full-parameter training (GaLore), where every weight's gradient counts. It builds gemma-3-1b's
-architecture with random bf16 weights, makes padded batches in two widths as the training stages do (8 short
-rows, then 8 rows of five joined: the collator's width buckets), and computes, for each call of a sequence
-alternating between them, the norm of every weight's gradient: once uncompiled (the reference), then through
-``fastpath.compile_layers`` without and with CUDA graphs, every layer checkpointed. The gradients are read and
-dropped in each weight's post-accumulate hook, as layer-wise GaLore does. A variant whose every call stays within
-``--tol`` of the reference on every weight is clear; otherwise the worst weights are printed per call.
+A diagnosis for full-parameter training (GaLore), where every weight's gradient counts and a right loss proves
+nothing. It builds gemma-3-1b's architecture with random bf16 weights, makes padded batches in two widths as the
+training stages do (8 short rows, then 8 rows of five joined: the collator's width buckets), and computes, for
+each call of a sequence alternating between them, the norm of every weight's gradient: once uncompiled (the
+reference), then through ``fastpath.compile_layers`` without and with CUDA graphs (``aot_eager``: AOTAutograd's
+graphs without inductor), every layer checkpointed. The gradients are read and dropped in each weight's
+post-accumulate hook, as layer-wise GaLore does. A variant whose every call stays within ``--tol`` of the
+reference on every weight is clear; otherwise the worst weights are printed per call. ``--inductor`` sets
+inductor's global options (compile_layers' own take precedence), to find the part of the compiler at fault:
+docs/gpu-speed.md has the sweep that found loop reordering after fusion.
+A CPU runs it too (small ``--layers``), without CUDA graphs.
 """
 
 from __future__ import annotations

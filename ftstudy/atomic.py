@@ -1,4 +1,5 @@
-"""Atomic outputs: write to a temporary sibling, then rename, so a killed stage leaves nothing that looks finished."""
+"""Atomic outputs: write to a temporary sibling, then rename, so a killed stage leaves nothing that looks finished.
+And the digests that tie a stage's leftovers (checkpoints, predictions) to the files they were made from."""
 
 from __future__ import annotations
 
@@ -63,3 +64,12 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def weights_digest(model_dir: Path) -> bytes:
+    """What identifies a model folder's contents: a fetched base's fetch_info.json (fetch_model wrote every file's
+    sha256 there, so nothing is hashed again), otherwise each file's name and sha256."""
+    info = model_dir / "fetch_info.json"
+    if info.exists():
+        return info.read_bytes()
+    return b"".join(f"{f.name}:{sha256_file(f)}".encode() for f in sorted(model_dir.glob("*")) if f.is_file())

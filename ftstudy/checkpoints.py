@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from ftstudy.atomic import sha256_file
+from ftstudy.atomic import weights_digest
 from ftstudy.methods import MethodSpec
 from ftstudy.params import Params
 
@@ -68,11 +68,8 @@ def fingerprint(spec: MethodSpec, params: Params, train_path: Path, models_dir: 
     h = hashlib.sha256(json.dumps({"spec": asdict(spec), "train": asdict(params.train), "seed": params.seed},
                                   sort_keys=True).encode())
     h.update(train_path.read_bytes())
-    info = models_dir / "base" / "fetch_info.json"
-    if info.exists():
-        h.update(info.read_bytes())
+    h.update(weights_digest(models_dir / "base"))
     if spec.starts_from:
-        for f in sorted((models_dir / spec.starts_from).glob("*")):
-            if f.is_file():
-                h.update(f"{f.name}:{sha256_file(f)}".encode())
+        h.update(weights_digest(models_dir / spec.starts_from))
     return h.hexdigest()
+

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ftstudy.atomic import read_jsonl, sha256_file, write_json, write_jsonl
+from ftstudy.atomic import read_jsonl, weights_digest, write_json, write_jsonl
 from ftstudy.clock import Clock
 from ftstudy.data import task_families
 from ftstudy.generation import generate
@@ -144,15 +144,8 @@ def journal_path(predictions_path: str | Path) -> Path:
 def eval_fingerprint(model_dir, base_dir, test_path, p) -> str:
     """What the predictions depend on: model weights, base, test set and generation settings."""
     h = hashlib.sha256(json.dumps(dataclasses.asdict(p), sort_keys=True).encode())
-    base = Path(base_dir)
-    info = base / "fetch_info.json"  # fetch_model wrote every base file's sha256 there: not hashed again
-    h.update(info.read_bytes() if info.exists() else b"")
-    for d in dict.fromkeys([base, Path(model_dir)]):
-        if d == base and info.exists():
-            continue
-        for f in sorted(d.glob("*")):
-            if f.is_file():
-                h.update(f"{f.name}:{sha256_file(f)}".encode())
+    for d in dict.fromkeys([Path(base_dir), Path(model_dir)]):  # the base alone when it is the model evaluated
+        h.update(weights_digest(d))
     h.update(Path(test_path).read_bytes())
     return h.hexdigest()
 

@@ -9,7 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
-from ftstudy.atomic import write_json
+from ftstudy.atomic import weights_digest, write_json
 from ftstudy.checkpoints import code_fingerprint
 from ftstudy.params import Params, to_dict
 from ftstudy.training import train_method
@@ -64,6 +64,7 @@ def _key(params: Params, data_dir: Path, base_dir: str | Path) -> str:
     code."""
     h = hashlib.sha256(json.dumps({k: v for k, v in to_dict(params).items() if k != "ui"}, sort_keys=True).encode())
     h.update(code_fingerprint().encode())
-    for f in (data_dir / "train.jsonl", data_dir / "val.jsonl", Path(base_dir) / "fetch_info.json"):
+    for f in (data_dir / "train.jsonl", data_dir / "val.jsonl"):
         h.update(f.read_bytes())
+    h.update(weights_digest(Path(base_dir)))
     return h.hexdigest()[:16]

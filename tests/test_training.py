@@ -498,3 +498,17 @@ def test_resumed_curves_drop_what_a_kill_left_half_written(tmp_path):
     (tmp_path / "metrics.json").write_text('{"step": 2}')
     truncate_curves(tmp_path, 2)
     assert (tmp_path / "metrics.json").exists()  # a whole summary stays
+
+
+def test_weights_digest_takes_a_fetched_base_from_its_hash_list_and_hashes_any_other_folder(tmp_path):
+    from ftstudy.atomic import weights_digest
+
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    base.mkdir(), adapter.mkdir()
+    (base / "model.safetensors").write_bytes(b"weights")
+    (base / "fetch_info.json").write_text('{"files": {"model.safetensors": "sha of the weights"}}')
+    assert weights_digest(base) == (base / "fetch_info.json").read_bytes()
+    (adapter / "adapter_model.safetensors").write_bytes(b"first")
+    first = weights_digest(adapter)
+    (adapter / "adapter_model.safetensors").write_bytes(b"second")
+    assert weights_digest(adapter) != first
