@@ -104,14 +104,22 @@ def hybrid_rate(records: dict[str, dict], qlora_fraction: float) -> dict | None:
     return {"steady_tokens_per_s": tokens / seconds, "trained_tokens": tokens, "steps": 1}
 
 
+def metrics_path(stage: str) -> str | None:
+    """Where a stage writes its metrics; None for a stage that writes none."""
+    if stage in TRAINED:
+        return f"metrics/train/{TRAINED[stage]}.json"
+    if stage.startswith("sweep_"):
+        return f"metrics/sweep/{stage.removeprefix('sweep_')}.json"
+    if stage.startswith("evaluate@"):
+        return f"metrics/eval/{stage.split('@')[1]}.json"
+    return "metrics/eval/rerank.json" if stage == "evaluate_rerank" else None
+
+
 def stage_metrics(name: str) -> dict[str, dict]:
     """The metrics a stage wrote, by path, read as it ends. They go into the log: a lent machine gets the working
     tree again at every call, committed metrics included, so a run spread over several calls would otherwise read
     the committed files in place of what its earlier calls measured."""
-    method = TRAINED.get(name) or (name.removeprefix("sweep_") if name.startswith("sweep_") else None)
-    path = (f"metrics/train/{method}.json" if name in TRAINED else f"metrics/sweep/{method}.json" if method
-            else f"metrics/eval/{name.split('@')[1]}.json" if name.startswith("evaluate@")
-            else "metrics/eval/rerank.json" if name == "evaluate_rerank" else None)
+    path = metrics_path(name)
     return {path: read_json(path)} if path and Path(path).exists() else {}
 
 
@@ -120,8 +128,8 @@ def extrapolate(timings: dict[str, dict], measured: Params, study: Params, full_
     """Each stage's time at the study's size, from what it measured here. ``full_rows``: per method, a training
     on rows of max_seq_len tokens, for a second estimate of the trainings and sweeps (``study_s_full_rows``).
     ``written``: metrics by path as the stages wrote them (the log's); a path missing there is read from disk."""
-    def load(path: str) -> dict | None:
-        return (written or {}).get(path) or (read_json(path) if Path(path).exists() else None)
+    def load(path: str | None) -> dict | None:
+        return (written or {}).get(path) or (read_json(path) if path and Path(path).exists() else None)
 
     steps = study.train.max_steps  # one budget for every method; the hybrid's two phases share it
     gaps = {m: getattr(study, f"train_{m}").update_proj_gap for m in ("galore", "sequential_ensemble")}
@@ -131,10 +139,10 @@ def extrapolate(timings: dict[str, dict], measured: Params, study: Params, full_
     for name, t in timings.items():
         row = {"measured_wall_s": t["wall_s"]}
         method = TRAINED.get(name) or (name.removeprefix("sweep_") if name.startswith("sweep_") else None)
-        m = (load(f"metrics/train/{method}.json") if method else None) or {}
+        m = (load(metrics_path(f"train_{method}")) if method else None) or {}
         if m.get("steady_tokens_per_s"):
             own, first_phase = None, 0.0
-            if method == "sequential_ensemble" and (q := load("metrics/train/qlora.json")):
+            if method == "sequential_ensemble" and (q := load(metrics_path("train_qlora"))):
                 # The hybrid's metrics hold its GaLore phase's rate and one-off costs; its QLoRA phase steps at
                 # train_qlora's rate, and what that phase took beyond its steps is a one-off cost too.
                 own = hybrid_rate({"qlora": q, "galore": m}, study.train_sequential_ensemble.qlora_fraction)
@@ -150,19 +158,19 @@ def extrapolate(timings: dict[str, dict], measured: Params, study: Params, full_
                            peak_memory_gb=m["peak_memory_gb"], study_steps=steps, seconds=m.get("seconds"),
                            one_off_seconds=m.get("one_off_seconds"), one_off_steps=m.get("one_off_steps"))
                 row.update({f"study_s{k}": round(t["wall_s"] - m["train_seconds"] + v, 1) for k, v in run.items()})
-            elif sweep := load(f"metrics/sweep/{method}.json"):  # a run per rate: each loads, trains, validates
+            elif sweep := load(metrics_path(name)):  # a run per rate: each loads, trains, validates
                 grid = sweep["grid"]
                 rates = len(getattr(study.sweep, method))
                 per_run = (t["wall_s"] - sum(r["train_seconds"] for r in grid)) / len(grid)
                 row.update(study_rates=rates, study_steps=steps)
                 row.update({f"study_s{k}": round(rates * (per_run + v), 1) for k, v in run.items()})
-        elif name.startswith("evaluate@") and (e := load(f"metrics/eval/{name.split('@')[1]}.json")):
+        elif name.startswith("evaluate@") and (e := load(metrics_path(name))):
             g = e["generation"]
             scale = prompts / measured_prompts * study.evaluate.max_new_tokens / measured.evaluate.max_new_tokens
             row.update(generated_tokens_per_s=g["generated_tokens_per_s"], generate_seconds=g["generate_seconds"],
                        seconds=g.get("seconds"), study_generated_tokens=prompts * study.evaluate.max_new_tokens,
                        study_s=round(t["wall_s"] - g["generate_seconds"] + g["generate_seconds"] * scale, 1))
-        elif name == "evaluate_rerank" and (e := load("metrics/eval/rerank.json")):
+        elif name == "evaluate_rerank" and (e := load(metrics_path(name))):
             g = e["generation"]
             scale = prompts / measured_prompts * study.rerank.k / measured.rerank.k
             row.update(seconds=g.get("seconds"),

@@ -155,10 +155,11 @@ def _full_parameter_grads(compiled: bool, batch) -> tuple[float, dict[str, torch
 
 
 def test_compiled_layers_give_every_weight_its_gradient_with_shared_key_heads(tiny_tokenizer):
-    """Full-parameter training needs every weight's gradient right, not only the loss. Inductor compiled the
-    backward of transformers' eager attention (RMS-normed, rotated keys repeated for the query heads sharing them)
-    wrongly for static shapes: NaN key gradients here, wrong query gradients on an H200, where GaLore diverged.
-    Compiled layers attend through fastpath.grouped_attention instead."""
+    """Full-parameter training needs every weight's gradient right, not only the loss. On a CPU inductor compiled
+    the backward of transformers' eager attention (RMS-normed, rotated keys repeated for the query heads sharing
+    them) wrongly for static shapes: NaN key gradients. Compiled layers attend through fastpath.grouped_attention
+    instead. (On an H200 another static-shape fault, loop reordering after fusion, gave wrong query gradients and
+    GaLore diverged; compile_layers turns it off, and benchmarks/compiled_grads.py checks it there.)"""
     torch._dynamo.reset()
     batch = Collator(tiny_tokenizer.pad_token_id, row_len=64, width_buckets=2)(
         [{"input_ids": list(range(3, 3 + n)), "labels": [-100] * (n // 2) + list(range(3 + n // 2, 3 + n))}
