@@ -22,6 +22,7 @@ import argparse
 import ast
 import functools
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,9 +63,10 @@ def batches(rows: int, seq_len: int) -> list[dict]:
     tokenizer = train_tiny_tokenizer(512, seed=0)
     out = []
     for join in (1, 5):
-        path = Path(f"/tmp/compiled_grads_{join}.jsonl")
-        write_train_data(path, join=join)
-        examples = tokenize_dataset(tokenizer, read_jsonl(path)[:rows], seq_len, seq_len * 3 // 4)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "rows.jsonl"
+            write_train_data(path, join=join)
+            examples = tokenize_dataset(tokenizer, read_jsonl(path)[:rows], seq_len, seq_len * 3 // 4)
         batch = Collator(0, width_buckets=4, row_len=seq_len)(examples)
         batch.pop("num_tokens")
         out.append({k: v.to(DEVICE) for k, v in batch.items()})
@@ -106,7 +108,7 @@ def compare(got: dict[str, float], ref: dict[str, float], tol: float) -> dict:
             "worst": {n: [round(got.get(n, 0.0), 5), round(ref[n], 5)] for n in worst}}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=26)
     parser.add_argument("--rows", type=int, default=8)
@@ -119,7 +121,7 @@ def main() -> None:
                              "find the part of the compiler at fault")
     parser.add_argument("--tol", type=float, default=0.05, help="relative difference of a weight's gradient norm")
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for setting in args.inductor:
         key, value = setting.split("=", 1)
         *path, name = key.split(".")
@@ -160,6 +162,7 @@ def main() -> None:
         del model, norms
     if args.out:
         write_json(args.out, results)
+    return results
 
 
 if __name__ == "__main__":
