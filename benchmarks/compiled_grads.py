@@ -13,7 +13,8 @@ post-accumulate hook, as layer-wise GaLore does. A variant whose every call stay
 reference on every weight is clear; otherwise the worst weights are printed per call. ``--inductor`` sets
 inductor's global options (compile_layers' own take precedence), to find the part of the compiler at fault:
 docs/gpu-speed.md has the sweep that found loop reordering after fusion.
-A CPU runs it too (small ``--layers``), without CUDA graphs.
+A CPU runs it too (small ``--layers``), without CUDA graphs. It exits non-zero when any call is off: the compiler's
+faults depend on its version, so run it before trusting compiled training on another torch (README).
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--calls", type=int, default=6, help="calls per variant, alternating the two widths")
-    parser.add_argument("--variants", nargs="+", default=["compiled", "cuda_graphs"],
+    parser.add_argument("--variants", nargs="+", default=["compiled", "cuda_graphs"] if DEVICE == "cuda" else ["compiled"],
                         choices=["compiled", "cuda_graphs", "aot_eager"])
     parser.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
                         help="torch._inductor.config settings for the compiled variants (e.g. triton.max_tiles=1), to "
@@ -160,10 +161,15 @@ def main(argv: list[str] | None = None) -> dict:
             print(variant, row, flush=True)
         results[variant] = rows
         del model, norms
+    off = [f"{v} call {row['call']}" for v in args.variants for row in results[v] if row["off"] or row["nan"]]
+    results["clear"] = not off
+    print("every weight's gradient matches the uncompiled model's" if not off else
+          f"WRONG GRADIENTS ({', '.join(off)}): do not train full-parameter methods with train.compile on here; "
+          f"set train.compile=off", flush=True)
     if args.out:
         write_json(args.out, results)
     return results
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if main()["clear"] else 1)
