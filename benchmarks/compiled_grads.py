@@ -78,9 +78,8 @@ class Norms:
     """Each weight's gradient norm, taken (on the device) and the gradient dropped in its post-accumulate hook."""
 
     def __init__(self, model):
-        self.named = dict(model.named_parameters())
         self.got: dict[str, torch.Tensor] = {}
-        for name, p in self.named.items():
+        for name, p in model.named_parameters():
             p.register_post_accumulate_grad_hook(lambda p, name=name: self._hook(name, p))
 
     @torch.no_grad()
@@ -99,11 +98,15 @@ class Norms:
         return loss.item(), dict(zip(names, values, strict=True))
 
 
+def global_norm(norms: dict[str, float]) -> float:
+    return round(sum(v * v for v in norms.values()) ** 0.5, 4)
+
+
 def compare(got: dict[str, float], ref: dict[str, float], tol: float) -> dict:
     rel = {n: abs(got.get(n, 0.0) - r) / max(r, 1e-6) for n, r in ref.items()}
     rel = {n: v if v == v else float("inf") for n, v in rel.items()}  # a NaN norm is as far off as can be
     worst = sorted(rel, key=lambda n: -rel[n])[:4]
-    return {"total_norm": round(sum(v * v for v in got.values()) ** 0.5, 4),
+    return {"total_norm": global_norm(got),
             "missing": sorted(set(ref) - set(got))[:4], "off": sum(v > tol for v in rel.values()),
             "nan": sorted(n for n, v in got.items() if v != v)[:6],
             "worst": {n: [round(got.get(n, 0.0), 5), round(ref[n], 5)] for n in worst}}
@@ -134,8 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     enable_checkpointing(model, 0)
     norms = Norms(model)
     reference = [norms.call(model, b) for b in data]
-    results["reference"] = [{"loss": round(loss, 4), "total_norm": round(sum(v * v for v in g.values()) ** 0.5, 4)}
-                            for loss, g in reference]
+    results["reference"] = [{"loss": round(loss, 4), "total_norm": global_norm(g)} for loss, g in reference]
     print("reference", results["reference"], flush=True)
     del model, norms
     for variant in args.variants:
