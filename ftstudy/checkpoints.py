@@ -72,4 +72,3 @@ def fingerprint(spec: MethodSpec, params: Params, train_path: Path, models_dir: 
     if spec.starts_from:
         h.update(weights_digest(models_dir / spec.starts_from))
     return h.hexdigest()
-

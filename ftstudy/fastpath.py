@@ -82,10 +82,11 @@ def compile_layers(model, cuda_graphs: bool = False, shapes: int = 8) -> None:
     # in every layer at batch width 128, right at 256, while the loss was right; LoRA hid it, full-parameter GaLore
     # diverged. Off, the gradients match the uncompiled model's (benchmarks/compiled_grads.py --inductor).
     inductor = {"loop_ordering_after_fusion": False}
-    if cuda_graphs:  # mode="reduce-overhead" is these CUDA graphs; torch.compile takes a mode or options, not both
-        inductor["triton.cudagraphs"] = True
-    options = {"options": inductor, **({"dynamic": False} if cuda_graphs else {})}
-    if cuda_graphs:  # the layers share their graphs (their weights are graph inputs): one entry per batch shape
+    options = {"options": inductor}
+    if cuda_graphs:
+        inductor["triton.cudagraphs"] = True  # mode="reduce-overhead"; torch.compile takes a mode or options, not both
+        options["dynamic"] = False
+        # The layers share their graphs (their weights are graph inputs): one entry per batch shape.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
     use_grouped_attention(model)
     for layer in causal_lm(model).model.layers:
