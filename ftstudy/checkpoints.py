@@ -1,13 +1,15 @@
-"""Checkpoints of an interrupted training stage: which one to resume, and whether it may be resumed at all."""
+"""Checkpoints of an interrupted training stage (which one to resume, and whether it may be resumed at all), and
+finished runs kept for reuse."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from ftstudy.atomic import weights_digest
+from ftstudy.atomic import atomic_dir, read_json, weights_digest, write_json
 from ftstudy.methods import MethodSpec
 from ftstudy.params import Params
 
@@ -72,3 +74,50 @@ def fingerprint(spec: MethodSpec, params: Params, train_path: Path, models_dir: 
     if spec.starts_from:
         h.update(weights_digest(models_dir / spec.starts_from))
     return h.hexdigest()
+
+
+class RunStore:
+    """Finished runs kept for reuse: a run whose params, data, base and code match one kept here is copied, not
+    trained again. The sweeps keep their winning rate's runs (``keep=True``); the study's training at that rate and
+    seed, the same run, is then a copy (``keep=False``: it only reads). On a CPU the copy is the bytes a retraining
+    would write; on a GPU it is that configuration's one run. ``used`` lists the keys this store served or kept.
+    """
+
+    def __init__(self, root: str | Path, keep: bool):
+        self.root, self.keep, self.used = Path(root), keep, []
+
+    def key(self, fp: str, val_path: Path | None) -> str:
+        h = hashlib.sha256(f"{fp}\n{code_fingerprint()}".encode())
+        if val_path is not None:  # the validation loss recorded with the run
+            h.update(Path(val_path).read_bytes())
+        return h.hexdigest()[:20]
+
+    def reuse(self, key: str, out_dir: Path, live_dir: Path | None) -> dict | None:
+        """The kept run's metrics after copying its output to ``out_dir`` and its curves to ``live_dir``; None if no
+        such run was kept (or it was kept without the curves asked for)."""
+        entry = self.root / key
+        if not (entry / "metrics.json").exists() or (live_dir is not None and not (entry / "live").is_dir()):
+            return None
+        with atomic_dir(out_dir) as tmp:
+            shutil.copytree(entry / "model", tmp, dirs_exist_ok=True)
+        if live_dir is not None:
+            with atomic_dir(live_dir) as tmp:
+                shutil.copytree(entry / "live", tmp, dirs_exist_ok=True)
+        self.used.append(key)
+        return read_json(entry / "metrics.json")
+
+    def put(self, key: str, out_dir: Path, live_dir: Path | None, metrics: dict) -> None:
+        if not self.keep:
+            return
+        with atomic_dir(self.root / key) as tmp:
+            shutil.copytree(out_dir, tmp / "model")
+            if live_dir is not None and Path(live_dir).is_dir():
+                shutil.copytree(live_dir, tmp / "live")
+            write_json(tmp / "metrics.json", metrics)  # last: an entry counts as kept once this exists
+        self.used.append(key)
+
+    def prune(self, methods: set[str], keep: set[str]) -> None:
+        """Drop the kept runs of ``methods`` (their run names) but those in ``keep``."""
+        for entry in self.root.glob("*/metrics.json"):
+            if entry.parent.name not in keep and read_json(entry).get("method") in methods:
+                shutil.rmtree(entry.parent)

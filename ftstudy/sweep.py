@@ -10,7 +10,8 @@ import shutil
 from pathlib import Path
 
 from ftstudy.atomic import weights_digest, write_json
-from ftstudy.checkpoints import code_fingerprint
+from ftstudy.checkpoints import RunStore, code_fingerprint
+from ftstudy.methods import phases
 from ftstudy.params import Params, to_dict
 from ftstudy.training import train_method
 
@@ -22,37 +23,45 @@ def with_rate(params: Params, method: str, rate: float) -> Params:
 
 
 def sweep_method(method: str, params: Params, *, data_dir: str | Path, base_dir: str | Path,
-                 work_dir: str | Path) -> dict:
+                 work_dir: str | Path, store_dir: str | Path) -> dict:
     """Train ``method`` at each rate of ``sweep.<method>``; return the grid with each rate's validation loss.
 
     The hybrid's grid is its GaLore phase's rate. A finished rate's result is kept in ``work_dir`` under a key of
     every param, the data and the base (``_key``), so a killed sweep goes on where it stopped; each run's own
-    checkpoints make a killed rate resume too.
+    checkpoints make a killed rate resume too. The best rate's runs stay in the run store at ``store_dir``, where the
+    study's training at that rate finds them (:class:`RunStore`); the hybrid's QLoRA phase, the same at every
+    rate, is trained once.
     """
     data_dir, work_dir = Path(data_dir), Path(work_dir)
     models = work_dir / "models"
     models.mkdir(parents=True, exist_ok=True)
     if not (models / "base").exists():
         (models / "base").symlink_to(Path(base_dir).resolve())  # the study's base: read, never written
-    grid = []
+    grid, runs = [], {}  # runs: each rate's keys in the store
+    run_names = {spec.name for spec in phases(params, method)}
     for rate in getattr(params.sweep, method):
         p = with_rate(params, method, rate)
         done = work_dir / f"lr-{rate:g}-{_key(p, data_dir, base_dir)}.json"
         if done.exists():
-            grid.append(json.loads(done.read_text()))
-            continue
-        m = train_method(method, p, data_dir=data_dir, models_dir=models, ckpt_root=work_dir / "checkpoints",
-                         live_dir=None)
-        row = {"learning_rate": rate, "validation_loss": m["validation_loss"],
-               "final_train_loss": m["final_train_loss"], "train_seconds": m["train_seconds"]}
-        write_json(done, row)
+            row = json.loads(done.read_text())
+        else:
+            store = RunStore(store_dir, keep=True)
+            m = train_method(method, p, data_dir=data_dir, models_dir=models, ckpt_root=work_dir / "checkpoints",
+                             live_dir=work_dir / "live", store=store)
+            row = {"learning_rate": rate, "validation_loss": m["validation_loss"],
+                   "final_train_loss": m["final_train_loss"], "train_seconds": m["train_seconds"],
+                   "runs": store.used}
+            write_json(done, row)
+        runs[rate] = row.pop("runs", [])
         grid.append(row)
-    best = min(grid, key=lambda r: r["validation_loss"])
+        best = min(grid, key=lambda r: r["validation_loss"])
+        RunStore(store_dir, keep=True).prune(run_names, keep=set(runs[best["learning_rate"]]))
     # The configured rate is not recorded here: it is not a param of the sweep (the report compares it).
     result = {"method": method, "profile": params.profile, "budget_steps": params.train.max_steps,
               "grid": grid, "best_learning_rate": best["learning_rate"],
               "sweep_seconds": round(sum(r["train_seconds"] for r in grid), 2)}
-    shutil.rmtree(models, ignore_errors=True)  # the swept models are not kept; their losses are the result
+    shutil.rmtree(models, ignore_errors=True)  # the best rate's runs are in the store; the losses are the result
+    shutil.rmtree(work_dir / "live", ignore_errors=True)
     for f in work_dir.glob("lr-*.json"):
         f.unlink()  # done: the result is the stage's output; the journal only carries a killed sweep over
     return result

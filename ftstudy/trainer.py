@@ -166,6 +166,20 @@ def throughput_callback(trainer, compiled: bool, cuda_graphs: bool, projection_g
     return Throughput()
 
 
+def no_final_checkpoint():
+    """Unsets the Trainer's checkpoint after the last step: the run is over, its model is saved next (a GaLore
+    checkpoint, with the optimizer's state, is several times the model), and a finished run's checkpoints are
+    deleted anyway."""
+    from transformers import TrainerCallback
+
+    class NoFinalCheckpoint(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_save = False
+
+    return NoFinalCheckpoint()
+
+
 def total_steady(devices: list[dict]) -> float | None:
     rates = [d["steady_tokens_per_s"] for d in devices]
     return None if None in rates else round(sum(rates), 2)

@@ -21,18 +21,26 @@ import torch
 from ftstudy import budget, distributed, fastpath
 from ftstudy.atomic import atomic_dir, read_json, read_jsonl, write_json
 from ftstudy.batches import WIDTH_BUCKETS, Collator, packed_batches, tokenize_dataset
-from ftstudy.checkpoints import code_fingerprint, fingerprint, last_complete_checkpoint, truncate_curves
+from ftstudy.checkpoints import RunStore, code_fingerprint, fingerprint, last_complete_checkpoint, truncate_curves
 from ftstudy.clock import Clock
 from ftstudy.methods import MethodSpec, check_hardware, optimizer_kwargs, phases
 from ftstudy.models import causal_lm, device_kind, load_tokenizer
 from ftstudy.params import Params
 from ftstudy.prepare import count_parameters, prepare_model
-from ftstudy.trainer import completion_trainer_class, curve_callback, peak_memory, throughput_callback, total_steady, validation_loss
+from ftstudy.trainer import (
+    completion_trainer_class,
+    curve_callback,
+    no_final_checkpoint,
+    peak_memory,
+    throughput_callback,
+    total_steady,
+    validation_loss,
+)
 
 
 def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_dir: str | Path,
           out_dir: str | Path, ckpt_dir: str | Path, live_dir: str | Path | None,
-          val_path: str | Path | None = None) -> dict:
+          val_path: str | Path | None = None, store: RunStore | None = None) -> dict:
     """Train ``spec`` and write its adapter or model to ``out_dir`` atomically; return its metrics.
 
     Examples are taken in ``train_path``'s rows in an order drawn from the training seed, so every method of a run
@@ -41,6 +49,8 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     ``ckpt_dir`` survives an interrupted run (DVC ``persist``); a rerun with the same fingerprint
     resumes from its last checkpoint, a rerun with anything changed starts afresh. ``live_dir`` receives
     the loss and learning-rate curves (dvclive); None skips them (the GPU benchmark, where dvclive is absent).
+    ``store`` holds finished runs: one with this run's fingerprint, code and validation rows is copied from it
+    instead of trained (one process only: a launched run always trains).
     """
     from transformers import TrainingArguments, set_seed
 
@@ -57,6 +67,12 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     models_dir, ckpt_dir, train_path = Path(models_dir), Path(ckpt_dir), Path(train_path)
     base_dir = models_dir / "base"
     fp = fingerprint(spec, params, train_path, models_dir)
+    store = store if distributed.world_size() == 1 else None
+    key = store.key(fp, val_path) if store else None
+    if store and (kept := store.reuse(key, Path(out_dir), None if live_dir is None else Path(live_dir))) is not None:
+        print(f"{spec.name}: this run (params, data, base, code) finished before, in {store.root / key}: copied, "
+              "not trained again")
+        return kept
     stamp, made_by = ckpt_dir / "fingerprint.txt", f"{fp}\n{code_fingerprint()}"
     with distributed.main_first():
         if main:
@@ -117,8 +133,8 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     collator = Collator(tokenizer.pad_token_id, pack=packed, row_len=t.max_seq_len,
                         width_buckets=WIDTH_BUCKETS if "compiled_layers" in levers else 0)
     trainer = completion_trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                      callbacks=[] if live_dir is None else [curve_callback(Path(live_dir), resume=bool(last or step_offset),
-                                                                            step_offset=step_offset)])
+                      callbacks=[no_final_checkpoint()] + ([] if live_dir is None else [
+                          curve_callback(Path(live_dir), resume=bool(last or step_offset), step_offset=step_offset)]))
     throughput = throughput_callback(trainer, compiled="compiled_layers" in levers, cuda_graphs="cuda_graphs" in levers,
                                       projection_gap=spec.galore.update_proj_gap if spec.galore else None)
     trainer.add_callback(throughput)
@@ -202,6 +218,8 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     if plan and not metrics["memory_plan"]["within_budget"]:
         print(f"warning: {spec.name} peaked at {devices[0]['peak_memory_gb']} GB, over train.memory_budget_gb="
               f"{plan.budget_gb:g} (predicted {plan.predicted_peak_gb} GB): lower the budget", file=sys.stderr)
+    if store:
+        store.put(key, Path(out_dir), None if live_dir is None else Path(live_dir), metrics)
     if os.environ.get("FTSTUDY_KEEP_CHECKPOINTS") != "1":
         for ck in ckpt_dir.glob("checkpoint-*"):
             shutil.rmtree(ck)  # finished: the final model is in out_dir; keep the (small) stamp only
@@ -210,15 +228,16 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
 
 
 def train_method(name: str, params: Params, *, data_dir: str | Path, models_dir: str | Path, ckpt_root: str | Path,
-                 live_dir: str | Path | None) -> dict | None:
+                 live_dir: str | Path | None, store: RunStore | None = None) -> dict | None:
     """Train method ``name`` (its one run, or the hybrid's QLoRA phase and then its GaLore phase, one curve between
-    them) into ``models_dir/<run>``; return the metrics of the whole, None on workers other than the main one."""
+    them) into ``models_dir/<run>``; return the metrics of the whole, None on workers other than the main one.
+    ``store``: see :func:`train`."""
     data_dir, models_dir, ckpt_root = Path(data_dir), Path(models_dir), Path(ckpt_root)
     runs = []
     for spec in phases(params, name):
         m = train(spec, params, train_path=data_dir / "train.jsonl", models_dir=models_dir,
                   out_dir=models_dir / spec.name, ckpt_dir=ckpt_root / spec.name, live_dir=live_dir,
-                  val_path=data_dir / "val.jsonl" if spec.name == name else None)
+                  val_path=data_dir / "val.jsonl" if spec.name == name else None, store=store)
         if m is None:
             return None
         runs.append(m)

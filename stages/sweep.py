@@ -15,7 +15,7 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params()
     result = sweep_method(args.method, params, data_dir="data/processed", base_dir="models/base",
-                          work_dir=f"checkpoints/sweep/{args.method}")
+                          work_dir=f"checkpoints/sweep/{args.method}", store_dir="checkpoints/runs")
     write_json(f"metrics/sweep/{args.method}.json", result)
     rows = ", ".join(f"{r['learning_rate']:g}: {r['validation_loss']:.4f}" for r in result["grid"])
     print(f"{args.method}: validation loss by learning rate {rows}; best {result['best_learning_rate']:g}; "

@@ -7,6 +7,7 @@ import torch
 
 from ftstudy import distributed
 from ftstudy.atomic import write_json
+from ftstudy.checkpoints import RunStore
 from ftstudy.errors import run_stage
 from ftstudy.methods import METHODS, phases
 from ftstudy.params import load_params
@@ -23,7 +24,7 @@ def main() -> None:
             distributed.check(spec, params.train, torch.cuda.is_available())  # fail here, not in N workers
         sys.exit(distributed.launch(__file__, [args.method], params.train))
     m = train_method(args.method, params, data_dir="data/processed", models_dir="models", ckpt_root="checkpoints",
-                     live_dir=f"dvclive/{args.method}")
+                     live_dir=f"dvclive/{args.method}", store=RunStore("checkpoints/runs", keep=False))
     if m is None:
         return  # a worker other than the main one: it wrote nothing
     write_json(f"metrics/train/{args.method}.json", m)
