@@ -21,7 +21,9 @@ checkpoint every save_steps of the study) plus the stage's load and save time; a
 training, each with the load and validation it measured; generation by its seconds scaled by the prompts x new
 tokens (an upper bound; 1 where the profile evaluates the study's prompts, as study_random does); the re-rank
 likewise. Data stages and the report are taken as measured. ``study_s`` is the study as the seeds define it
-(four trainings, five evaluations, the re-rank), ``study_with_sweeps_s`` adds the learning-rate sweeps.
+(four trainings, five evaluations, the re-rank), ``study_with_sweeps_s`` adds the learning-rate sweeps. A training
+at its sweep's winning rate copies the sweep's run (ftstudy/checkpoints.py, RunStore): it counts as trained (with
+the load, validation and save its sweep measured a run) in ``study_s``, and as the copy it was after the sweeps.
 
 The generated rows are short (~54 Gemma tokens), while most of the hub datasets' batches hold a row that fills
 max_seq_len, so every row of such a batch is padded to it. ``--full-rows FILE`` (benchmarks/train_methods.py
@@ -63,7 +65,8 @@ def run_stage(name: str, force: bool) -> dict:
     if proc.returncode:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"stage {name} failed (exit {proc.returncode})")
-    return {"stage": name, "wall_s": seconds, "ran": f"Running stage '{name}'" in proc.stdout}
+    return {"stage": name, "wall_s": seconds, "ran": f"Running stage '{name}'" in proc.stdout,
+            "copied": "copied, not trained again" in proc.stdout}  # a training that is its sweep's run
 
 
 def write_params(profile: str, overrides: list[str], out: Path) -> None:
@@ -157,7 +160,13 @@ def extrapolate(timings: dict[str, dict], measured: Params, study: Params, full_
                 row.update(tokens_per_s=m["steady_tokens_per_s"], tokens_per_step=round(m["trained_tokens"] / m["steps"], 1),
                            peak_memory_gb=m["peak_memory_gb"], study_steps=steps, seconds=m.get("seconds"),
                            one_off_seconds=m.get("one_off_seconds"), one_off_steps=m.get("one_off_steps"))
-                row.update({f"study_s{k}": round(t["wall_s"] - m["train_seconds"] + v, 1) for k, v in run.items()})
+                overhead = t["wall_s"] - m["train_seconds"]
+                if t.get("copied") and (s := timings.get(f"sweep_{method}")) and (sw := load(metrics_path(f"sweep_{method}"))):
+                    # The stage copied its sweep's run: the seeds' study (no sweep) trains it, with the load,
+                    # validation and save that sweep's runs took; after the sweeps it is the copy as measured.
+                    overhead = (s["wall_s"] - sum(r["train_seconds"] for r in sw["grid"])) / len(sw["grid"])
+                    row.update(copied_from_sweep=True, with_sweeps_s=t["wall_s"])
+                row.update({f"study_s{k}": round(overhead + v, 1) for k, v in run.items()})
             elif sweep := load(metrics_path(name)):  # a run per rate: each loads, trains, validates
                 grid = sweep["grid"]
                 rates = len(getattr(study.sweep, method))
@@ -182,14 +191,15 @@ def extrapolate(timings: dict[str, dict], measured: Params, study: Params, full_
 def totals(rows: dict[str, dict]) -> dict:
     """The study as the seeds define it (trainings, evaluations, re-rank, data, report) and with the learning-rate
     sweeps; each also with the trainings and sweeps at their full-row rates where those were given."""
-    def total(stages, key):
-        return round(sum(r.get(key, r.get("study_s", r["measured_wall_s"])) for r in stages), 1)
+    def total(stages, key, with_sweeps=False):
+        return round(sum(r["with_sweeps_s"] if with_sweeps and "with_sweeps_s" in r
+                         else r.get(key, r.get("study_s", r["measured_wall_s"])) for r in stages), 1)
 
     seeds = [r for n, r in rows.items() if not n.startswith("sweep_")]
-    out = {"study_s": total(seeds, "study_s"), "study_with_sweeps_s": total(rows.values(), "study_s")}
+    out = {"study_s": total(seeds, "study_s"), "study_with_sweeps_s": total(rows.values(), "study_s", True)}
     if any("study_s_full_rows" in r for r in rows.values()):
         out.update(study_s_full_rows=total(seeds, "study_s_full_rows"),
-                   study_with_sweeps_s_full_rows=total(rows.values(), "study_s_full_rows"))
+                   study_with_sweeps_s_full_rows=total(rows.values(), "study_s_full_rows", True))
     minutes = {k: (k.replace("_s_full_rows", "_minutes_full_rows") if k.endswith("_full_rows")
                    else k.removesuffix("_s") + "_minutes") for k in out}
     return {**out, **{minutes[k]: round(v / 60, 1) for k, v in out.items()}}

@@ -104,6 +104,14 @@ def test_pipeline_extrapolates_trainings_sweeps_and_full_rows_to_the_study(tmp_p
     assert got["study_s"] == pytest.approx(2.0 + run + 4.0, abs=0.1)  # the seeds' study leaves the sweeps out
     assert got["study_with_sweeps_s"] == pytest.approx(got["study_s"] + 3 * (3.0 + run), abs=0.1)
     assert got["study_minutes"] == round(got["study_s"] / 60, 1) and "study_with_sweeps_minutes_full_rows" in got
+    # A training that copied its sweep's run (1 s): trained in the seeds' study, with the sweep's 3 s of loading and
+    # validation a run; after the sweeps, the copy.
+    copied = pipeline.extrapolate({**timings, "train_qlora": {"wall_s": 1.0, "copied": True}}, default_params("micro"),
+                                  study, full_rows)
+    assert copied["train_qlora"]["study_s"] == pytest.approx(3.0 + run)
+    got = pipeline.totals(copied)
+    assert got["study_s"] == pytest.approx(3.0 + run + 4.0, abs=0.1)
+    assert got["study_with_sweeps_s"] == pytest.approx(1.0 + 4.0 + 3 * (3.0 + run), abs=0.1)
 
 
 def test_pipeline_fills_stages_a_lost_machine_never_ran_from_an_earlier_result(tmp_path):
