@@ -59,11 +59,12 @@ def make(layers: int):
     return model
 
 
-def batches(rows: int, seq_len: int) -> list[dict]:
-    """Two padded batches of ``rows`` examples, of different widths."""
+def batches(rows: int, seq_len: int, joins=(1, 5)) -> list[dict]:
+    """Padded batches of ``rows`` examples, one per ``joins`` (generated rows joined into one example), so of
+    different widths; 48 joined fill ``seq_len``."""
     tokenizer = train_tiny_tokenizer(512, seed=0)
     out = []
-    for join in (1, 5):
+    for join in joins:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "rows.jsonl"
             write_train_data(path, join=join)
@@ -118,6 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--calls", type=int, default=6, help="calls per variant, alternating the two widths")
+    parser.add_argument("--joins", type=int, nargs=2, default=[1, 5], metavar="N",
+                        help="generated rows joined per example in the two batches (48: every row seq-len tokens)")
     parser.add_argument("--variants", nargs="+", default=["compiled", "cuda_graphs"] if DEVICE == "cuda" else ["compiled"],
                         choices=["compiled", "cuda_graphs", "aot_eager"])
     parser.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         key, value = setting.split("=", 1)
         *path, name = key.split(".")
         setattr(functools.reduce(getattr, path, torch._inductor.config), name, ast.literal_eval(value))
-    data = batches(args.rows, args.seq_len)
+    data = batches(args.rows, args.seq_len, args.joins)
     results = {"shapes": [list(b["input_ids"].shape) for b in data]}
 
     model = make(args.layers)
