@@ -19,9 +19,10 @@ from ftstudy.stats import Interval, _interval, bleu_from_stats, bleu_sentence_st
 
 FOLDER = "data/seeds"
 # What may differ between runs that are aggregated: the training seed, display settings, how often the loss curve
-# got a point, and where the workers ran (the effective batch is fixed, so spreading it over processes or machines
-# changes rounding, not the run).
-IGNORED = ("seed", "ui", "train.logging_steps", "train.num_processes", "train.nnodes", "train.rdzv_endpoint")
+# got a point, where the workers ran (the effective batch is fixed, so spreading it over processes or machines
+# changes rounding, not the run), and the learning-rate sweeps (they choose train_<method>.learning_rate, which
+# must match; a seed experiment reruns no sweep).
+IGNORED = ("seed", "ui", "train.logging_steps", "train.num_processes", "train.nnodes", "train.rdzv_endpoint", "sweep")
 
 
 def _without_ignored(flat_params: dict) -> dict:

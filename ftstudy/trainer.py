@@ -4,6 +4,7 @@ throughput with one-off costs set apart, peak memory, and the dvclive curves."""
 from __future__ import annotations
 
 import itertools
+import math
 import resource
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 import torch.utils.data
 
 from ftstudy import galore
+from ftstudy.errors import UserError
 from ftstudy.loss import completion_loss
 from ftstudy.methods import LAYERWISE_OPTIMIZERS
 from ftstudy.prompt import IGNORE_INDEX
@@ -178,6 +180,23 @@ def no_final_checkpoint():
                 control.should_save = False
 
     return NoFinalCheckpoint()
+
+
+def divergence_guard(name: str):
+    """Stops a run whose logged loss or gradient norm is NaN or infinite: the Trainer would go on training NaN weights
+    to the end of the budget and save them as the result. (Layer-wise GaLore stops sooner, at the projection.)"""
+    from transformers import TrainerCallback
+
+    class DivergenceGuard(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            bad = {k: v for k, v in (logs or {}).items() if k in ("loss", "grad_norm") and not math.isfinite(float(v))}
+            if bad:
+                raise UserError(
+                    f"{name}: {', '.join(f'{k} {v}' for k, v in bad.items())} at step {state.global_step}: the run "
+                    f"diverged (lower the learning rate or raise train.warmup_steps) or the forward/backward is broken "
+                    f"(retry with train.compile=off to rule out the compiled layers)")
+
+    return DivergenceGuard()
 
 
 def total_steady(devices: list[dict]) -> float | None:

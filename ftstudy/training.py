@@ -30,12 +30,15 @@ from ftstudy.prepare import count_parameters, prepare_model
 from ftstudy.trainer import (
     completion_trainer_class,
     curve_callback,
+    divergence_guard,
     no_final_checkpoint,
     peak_memory,
     throughput_callback,
     total_steady,
     validation_loss,
 )
+
+BASE_NAME = "models/base"  # where the pipeline keeps the base (dvc.yaml): what a saved adapter names as its base
 
 
 def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_dir: str | Path,
@@ -133,7 +136,7 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     collator = Collator(tokenizer.pad_token_id, pack=packed, row_len=t.max_seq_len,
                         width_buckets=WIDTH_BUCKETS if "compiled_layers" in levers else 0)
     trainer = completion_trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                      callbacks=[no_final_checkpoint()] + ([] if live_dir is None else [
+                      callbacks=[no_final_checkpoint(), divergence_guard(spec.name)] + ([] if live_dir is None else [
                           curve_callback(Path(live_dir), resume=bool(last or step_offset), step_offset=step_offset)]))
     throughput = throughput_callback(trainer, compiled="compiled_layers" in levers, cuda_graphs="cuda_graphs" in levers,
                                       projection_gap=spec.galore.update_proj_gap if spec.galore else None)
@@ -162,6 +165,9 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     trained_tokens = sum(d["trained_tokens"] for d in devices)
 
     with atomic_dir(out_dir) as tmp:
+        if spec.lora is not None:  # the pipeline's base, not the folder it was read from (a sweep's is in
+            for config in model.peft_config.values():  # checkpoints/): the same run writes the same bytes anywhere
+                config.base_model_name_or_path = BASE_NAME
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if spec.lora is None:
             tokenizer.save_pretrained(tmp)

@@ -92,5 +92,5 @@ def test_records_made_with_other_params_are_left_out(tmp_path):
         (tmp_path / seeds.FOLDER / f"seed-{seed}.json").write_text(json.dumps(rec))
     chosen, stale = seeds.load_records(tmp_path, current)
     assert [r["seed"] for r in chosen] == [42, 1, 3] and stale == [2]
-    assert seeds.comparable({"seed": 5, "ui": {"progress_bar": True}, "train": {"nnodes": 2, "max_steps": 16}}) == {
-        "train.max_steps": 16}
+    assert seeds.comparable({"seed": 5, "ui": {"progress_bar": True}, "train": {"nnodes": 2, "max_steps": 16},
+                             "sweep": {"seed": 42, "galore": [1e-4, 3e-4]}}) == {"train.max_steps": 16}

@@ -556,3 +556,33 @@ def test_the_sweep_trains_the_hybrids_qlora_phase_once_and_the_training_at_its_b
     assert capsys.readouterr().out.count(": this run (params, data, base, code) finished before") == 1  # QLoRA's
     assert (workdir / "ck/sequential_ensemble").exists()
     assert len(list(store.iterdir())) == 2  # a training only reads the store
+
+
+def test_a_diverged_run_stops_with_advice_instead_of_saving_nan_weights(workdir, tiny_model_dir, monkeypatch):
+    """A LoRA run whose loss turns NaN (here from its third step) is stopped at the next logged step with what to try,
+    and no model is written (the Trainer alone would train NaN weights to the end of the budget and save them)."""
+    from ftstudy import trainer
+
+    calls = []
+
+    def diverging(*args, **kwargs):
+        calls.append(1)
+        loss = completion_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) >= 3 else loss
+
+    monkeypatch.setattr(trainer, "completion_loss", diverging)
+    params = _tiny_params(tiny_model_dir, 6, train_lora_wide=dict(lora_r=4, lora_alpha=8))
+    params = dataclasses.replace(params, train=dataclasses.replace(params.train, logging_steps=2))
+    with pytest.raises(UserError, match=r"lora_wide: loss nan.* at step 4: the run diverged .*train\.compile=off"):
+        _train(workdir, params, "lora_wide")
+    assert not (workdir / "models/lora_wide").exists()
+
+
+def test_a_saved_adapter_names_the_pipelines_base_wherever_it_trained(workdir, tiny_model_dir):
+    """A sweep trains under checkpoints/, the stage under models/: the adapter bytes (and so the run store's copy, and
+    DVC's hash) must not depend on the folder the base was read from."""
+    params = _tiny_params(tiny_model_dir, 2, train_lora_wide=dict(lora_r=4, lora_alpha=8))
+    _train(workdir, params, "lora_wide")
+    config = json.loads((workdir / "models/lora_wide/adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "models/base"
+    assert str(workdir) not in (workdir / "models/lora_wide/README.md").read_text()
