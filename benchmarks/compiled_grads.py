@@ -2,6 +2,7 @@
 
     python benchmarks/compiled_grads.py --out compiled_grads.json
     python benchmarks/compiled_grads.py --layers 2 --calls 1 --variants compiled --inductor triton.max_tiles=1
+    python benchmarks/compiled_grads.py --method qlora --joins 48 1    # the adapter's gradients, rows of 512 tokens
 
 A diagnosis for full-parameter training (GaLore), where every weight's gradient counts and a right loss proves
 nothing. It builds gemma-3-1b's architecture with random bf16 weights, makes padded batches in two widths as the
@@ -13,6 +14,9 @@ post-accumulate hook, as layer-wise GaLore does. A variant whose every call stay
 reference on every weight is clear; otherwise the worst weights are printed per call. ``--inductor`` sets
 inductor's global options (compile_layers' own take precedence), to find the part of the compiler at fault:
 docs/gpu-speed.md has the sweep that found loop reordering after fusion.
+``--method qlora`` or ``lora_wide`` checks a LoRA method's model instead, built as the training stages build it (the
+4-bit NF4 base for QLoRA, the study's adapter settings, its B matrices drawn at random so that A's gradients are
+not zero): the adapter's weights are then the ones compared.
 A CPU runs it too (small ``--layers``), without CUDA graphs. It exits non-zero when any call is off: the compiler's
 faults depend on its version, so run it before trusting compiled training on another torch (README).
 """
@@ -59,6 +63,23 @@ def make(layers: int):
     return model
 
 
+def make_method(method: str, base_dir: Path):
+    """``method``'s model as the training stages prepare it, from the random base saved in ``base_dir``."""
+    from ftstudy.methods import method_spec
+    from ftstudy.params import default_params
+    from ftstudy.prepare import attach_adapter, load_start_model
+
+    spec = method_spec(default_params("full"), method)
+    model = load_start_model(spec, base_dir, base_dir.parent)
+    model.config.use_cache = False
+    model = attach_adapter(model, spec, gradient_checkpointing=True)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # zero at init: A's gradients would be zero too, and prove nothing
+            torch.nn.init.normal_(p, std=0.02)
+    return model if spec.quantize_4bit else model.to(DEVICE)  # a 4-bit model is placed as it loads
+
+
 def batches(rows: int, seq_len: int, joins=(1, 5)) -> list[dict]:
     """Padded batches of ``rows`` examples, one per ``joins`` (generated rows joined into one example), so of
     different widths; 48 joined fill ``seq_len``."""
@@ -81,7 +102,8 @@ class Norms:
     def __init__(self, model):
         self.got: dict[str, torch.Tensor] = {}
         for name, p in model.named_parameters():
-            p.register_post_accumulate_grad_hook(lambda p, name=name: self._hook(name, p))
+            if p.requires_grad:  # a LoRA method's frozen base has none
+                p.register_post_accumulate_grad_hook(lambda p, name=name: self._hook(name, p))
 
     @torch.no_grad()
     def _hook(self, name, p):
@@ -126,6 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
                         help="torch._inductor.config settings for the compiled variants (e.g. triton.max_tiles=1), to "
                              "find the part of the compiler at fault")
+    parser.add_argument("--method", choices=["full", "qlora", "lora_wide"], default="full",
+                        help="full: every weight of the bf16 model (GaLore's case); a LoRA method: its adapter's")
     parser.add_argument("--tol", type=float, default=0.05, help="relative difference of a weight's gradient norm")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -136,7 +160,13 @@ def main(argv: list[str] | None = None) -> dict:
     data = batches(args.rows, args.seq_len, args.joins)
     results = {"shapes": [list(b["input_ids"].shape) for b in data]}
 
-    model = make(args.layers)
+    build = functools.partial(make, args.layers)
+    if args.method != "full":
+        base_dir = Path(tempfile.mkdtemp()) / "base"
+        make(args.layers).save_pretrained(base_dir, safe_serialization=True)
+        build = functools.partial(make_method, args.method, base_dir)
+    results["method"] = args.method
+    model = build()
     enable_checkpointing(model, 0)
     norms = Norms(model)
     reference = [norms.call(model, b) for b in data]
@@ -145,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     del model, norms
     for variant in args.variants:
         torch._dynamo.reset()
-        model = make(args.layers)
+        model = build()
         enable_checkpointing(model, 0)
         compile_ = torch.nn.Module.compile
         if variant == "aot_eager":  # AOTAutograd's graphs run without inductor: tells its codegen from the rest

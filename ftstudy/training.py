@@ -168,6 +168,8 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
         if spec.lora is not None:  # the pipeline's base, not the folder it was read from (a sweep's is in
             for config in model.peft_config.values():  # checkpoints/): the same run writes the same bytes anywhere
                 config.base_model_name_or_path = BASE_NAME
+            base = model.get_base_model()  # and what peft's model card (README.md) names
+            base.name_or_path = base.config._name_or_path = BASE_NAME
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if spec.lora is None:
             tokenizer.save_pretrained(tmp)
