@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
     off = [f"{v} call {row['call']}" for v in args.variants for row in results[v] if row["off"] or row["nan"]]
     results["clear"] = not off
     print("every weight's gradient matches the uncompiled model's" if not off else
-          f"WRONG GRADIENTS ({', '.join(off)}): do not train full-parameter methods with train.compile on here; "
+          f"WRONG GRADIENTS ({', '.join(off)}): do not train "
+          f"{'full-parameter methods' if args.method == 'full' else args.method} with train.compile on here; "
           f"set train.compile=off", flush=True)
     if args.out:
         write_json(args.out, results)
