@@ -549,6 +549,15 @@ def test_the_sweep_trains_the_hybrids_qlora_phase_once_and_the_training_at_its_b
     steps = [int(r.split("\t")[0]) for r in
              (workdir / "live/hybrid/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]]
     assert steps == [1, 2, 3, 4]  # the kept run's whole curve
+    fresh = workdir / "fresh"  # the same run trained anew, elsewhere: on a CPU, the bytes of the copy
+    fresh.mkdir()
+    (fresh / "base").symlink_to(tiny_model_dir)
+    train_method("sequential_ensemble", at_best, data_dir=workdir, models_dir=fresh, ckpt_root=workdir / "ck-fresh",
+                 live_dir=workdir / "live/fresh")
+    for f in ("sequential_ensemble_qlora/adapter_model.safetensors", "sequential_ensemble_qlora/adapter_config.json",
+              "sequential_ensemble_qlora/README.md", "sequential_ensemble/model.safetensors"):
+        assert (fresh / f).read_bytes() == (workdir / "models" / f).read_bytes(), f
+    capsys.readouterr()
 
     other = dataclasses.replace(params, train_sequential_ensemble=dataclasses.replace(
         params.train_sequential_ensemble, learning_rate=3e-3))
