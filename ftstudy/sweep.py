@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from ftstudy.atomic import weights_digest, write_json
@@ -45,12 +47,10 @@ def sweep_method(method: str, params: Params, *, data_dir: str | Path, base_dir:
         if done.exists():
             row = json.loads(done.read_text())
         else:
-            store = RunStore(store_dir, keep=True)
-            m = train_method(method, p, data_dir=data_dir, models_dir=models, ckpt_root=work_dir / "checkpoints",
-                             live_dir=work_dir / "live", store=store)
+            m, used = _train_apart(method, p, store_dir, data_dir=data_dir, models_dir=models,
+                                   ckpt_root=work_dir / "checkpoints", live_dir=work_dir / "live")
             row = {"learning_rate": rate, "validation_loss": m["validation_loss"],
-                   "final_train_loss": m["final_train_loss"], "train_seconds": m["train_seconds"],
-                   "runs": store.used}
+                   "final_train_loss": m["final_train_loss"], "train_seconds": m["train_seconds"], "runs": used}
             write_json(done, row)
         runs[rate] = row.pop("runs", [])
         grid.append(row)
@@ -65,6 +65,19 @@ def sweep_method(method: str, params: Params, *, data_dir: str | Path, base_dir:
     for f in work_dir.glob("lr-*.json"):
         f.unlink()  # done: the result is the stage's output; the journal only carries a killed sweep over
     return result
+
+
+def _train_apart(method: str, params: Params, store_dir: str | Path, **paths) -> tuple[dict, list[str]]:
+    """One rate's run in a process of its own, as the training stage runs it: its peak memory (CPU RSS or CUDA),
+    compiling and first steps are its own, not shaped by what an earlier rate left in this process, so the metrics
+    the training at the best rate copies are those of a standalone run. Returns its metrics and its store keys."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_train_kept, method, params, store_dir, **paths).result()
+
+
+def _train_kept(method: str, params: Params, store_dir: str | Path, **paths) -> tuple[dict, list[str]]:
+    store = RunStore(store_dir, keep=True)
+    return train_method(method, params, store=store, **paths), store.used
 
 
 def _key(params: Params, data_dir: Path, base_dir: str | Path) -> str:

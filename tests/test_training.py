@@ -515,9 +515,10 @@ def test_weights_digest_takes_a_fetched_base_from_its_hash_list_and_hashes_any_o
 
 
 def test_the_sweep_trains_the_hybrids_qlora_phase_once_and_the_training_at_its_best_rate_is_its_run(
-        workdir, tiny_model_dir, capsys):
-    """The run store: the hybrid's QLoRA phase (the same at every rate of its sweep) is trained once; the sweep keeps
-    its best rate's runs alone, and the study's training at that rate and seed gets that run's model, curves and
+        workdir, tiny_model_dir, capfd):
+    """The run store: the hybrid's QLoRA phase (the same at every rate of its sweep) is trained once (each rate runs in
+    a process of its own, so the messages are read from the file descriptor); the sweep keeps its best rate's runs
+    alone, and the study's training at that rate and seed gets that run's model, curves and
     metrics without training; a training at another rate trains."""
     from ftstudy.checkpoints import RunStore
     from ftstudy.sweep import sweep_method
@@ -530,7 +531,7 @@ def test_the_sweep_trains_the_hybrids_qlora_phase_once_and_the_training_at_its_b
     store = workdir / "runs"
     result = sweep_method("sequential_ensemble", params, data_dir=workdir, base_dir=workdir / "models/base",
                           work_dir=workdir / "sweep", store_dir=store)
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     assert out.count("sequential_ensemble_qlora: this run") == 1  # the second rate's QLoRA phase: copied
     kept = {json.loads(f.read_text())["method"] for f in store.glob("*/metrics.json")}
     assert kept == {"sequential_ensemble_qlora", "sequential_ensemble"} and len(list(store.iterdir())) == 2
@@ -542,7 +543,7 @@ def test_the_sweep_trains_the_hybrids_qlora_phase_once_and_the_training_at_its_b
     kw = dict(data_dir=workdir, models_dir=workdir / "models", ckpt_root=workdir / "ck",
               live_dir=workdir / "live/hybrid", store=RunStore(store, keep=False))
     m = train_method("sequential_ensemble", at_best, **kw)
-    assert capsys.readouterr().out.count(": this run (params, data, base, code) finished before") == 2
+    assert capfd.readouterr().out.count(": this run (params, data, base, code) finished before") == 2
     assert not (workdir / "ck").exists()  # nothing trained
     assert m["validation_loss"] == swept["validation_loss"] and m["final_train_loss"] == swept["final_train_loss"]
     assert (workdir / "models/sequential_ensemble/model.safetensors").exists()
@@ -557,12 +558,12 @@ def test_the_sweep_trains_the_hybrids_qlora_phase_once_and_the_training_at_its_b
     for f in ("sequential_ensemble_qlora/adapter_model.safetensors", "sequential_ensemble_qlora/adapter_config.json",
               "sequential_ensemble_qlora/README.md", "sequential_ensemble/model.safetensors"):
         assert (fresh / f).read_bytes() == (workdir / "models" / f).read_bytes(), f
-    capsys.readouterr()
+    capfd.readouterr()
 
     other = dataclasses.replace(params, train_sequential_ensemble=dataclasses.replace(
         params.train_sequential_ensemble, learning_rate=3e-3))
     train_method("sequential_ensemble", other, **kw)
-    assert capsys.readouterr().out.count(": this run (params, data, base, code) finished before") == 1  # QLoRA's
+    assert capfd.readouterr().out.count(": this run (params, data, base, code) finished before") == 1  # QLoRA's
     assert (workdir / "ck/sequential_ensemble").exists()
     assert len(list(store.iterdir())) == 2  # a training only reads the store
 
