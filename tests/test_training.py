@@ -205,8 +205,10 @@ def test_checkpoints_are_resumed_only_by_the_code_that_made_them(workdir, tiny_m
     import shutil
 
     monkeypatch.setenv("FTSTUDY_KEEP_CHECKPOINTS", "1")  # what a killed run leaves behind
-    params = _tiny_params(tiny_model_dir, 2, train_lora_wide=dict(lora_r=4, lora_alpha=8))
+    # 3 steps: a checkpoint after step 2 (save_steps), none after the last one
+    params = _tiny_params(tiny_model_dir, 3, train_lora_wide=dict(lora_r=4, lora_alpha=8))
     assert _train(workdir, params, "lora_wide")["resumed_from_step"] == 0
+    assert [p.name for p in (workdir / "ck/lora_wide").glob("checkpoint-*")] == ["checkpoint-2"]
     shutil.rmtree(workdir / "models" / "lora_wide")
     assert _train(workdir, params, "lora_wide")["resumed_from_step"] == 2  # same code: resumed
     shutil.rmtree(workdir / "models" / "lora_wide")
