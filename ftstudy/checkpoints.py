@@ -86,8 +86,9 @@ class RunStore:
     def __init__(self, root: str | Path, keep: bool):
         self.root, self.keep, self.used = Path(root), keep, []
 
-    def key(self, fp: str, val_path: Path | None) -> str:
-        h = hashlib.sha256(f"{fp}\n{code_fingerprint()}".encode())
+    def key(self, made_by: str, val_path: Path | None) -> str:
+        """``made_by``: the run's fingerprint and the code's, as its checkpoints are stamped."""
+        h = hashlib.sha256(made_by.encode())
         if val_path is not None:  # the validation loss recorded with the run
             h.update(Path(val_path).read_bytes())
         return h.hexdigest()[:20]
@@ -111,7 +112,7 @@ class RunStore:
             return
         with atomic_dir(self.root / key) as tmp:
             shutil.copytree(out_dir, tmp / "model")
-            if live_dir is not None and Path(live_dir).is_dir():
+            if live_dir is not None and live_dir.is_dir():
                 shutil.copytree(live_dir, tmp / "live")
             write_json(tmp / "metrics.json", metrics)  # last: an entry counts as kept once this exists
         self.used.append(key)

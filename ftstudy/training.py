@@ -66,17 +66,18 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     distributed.init(cuda)
     t = params.train
     main = distributed.is_main()
-    live_dir = live_dir if main else None  # one worker writes the curves
-    models_dir, ckpt_dir, train_path = Path(models_dir), Path(ckpt_dir), Path(train_path)
+    live_dir = Path(live_dir) if live_dir is not None and main else None  # one worker writes the curves
+    models_dir, ckpt_dir, train_path, out_dir = Path(models_dir), Path(ckpt_dir), Path(train_path), Path(out_dir)
     base_dir = models_dir / "base"
     fp = fingerprint(spec, params, train_path, models_dir)
+    made_by = f"{fp}\n{code_fingerprint()}"  # the run's inputs and the code that trains them
     store = store if distributed.world_size() == 1 else None
-    key = store.key(fp, val_path) if store else None
-    if store and (kept := store.reuse(key, Path(out_dir), None if live_dir is None else Path(live_dir))) is not None:
+    key = store.key(made_by, val_path) if store else None
+    if store and (kept := store.reuse(key, out_dir, live_dir)) is not None:
         print(f"{spec.name}: this run (params, data, base, code) finished before, in {store.root / key}: copied, "
               "not trained again")
         return kept
-    stamp, made_by = ckpt_dir / "fingerprint.txt", f"{fp}\n{code_fingerprint()}"
+    stamp = ckpt_dir / "fingerprint.txt"
     with distributed.main_first():
         if main:
             if ckpt_dir.exists() and (not stamp.exists() or stamp.read_text() != made_by):
@@ -90,7 +91,7 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
     # A run that continues another (the hybrid's second phase) appends to its curves, steps counted on from there.
     step_offset = spec.skip_steps
     if live_dir is not None and (last or step_offset):
-        truncate_curves(Path(live_dir), step_offset + resumed_from)
+        truncate_curves(live_dir, step_offset + resumed_from)
     elif live_dir is not None:
         shutil.rmtree(live_dir, ignore_errors=True)
 
@@ -137,7 +138,7 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
                         width_buckets=WIDTH_BUCKETS if "compiled_layers" in levers else 0)
     trainer = completion_trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator,
                       callbacks=[no_final_checkpoint(), divergence_guard(spec.name)] + ([] if live_dir is None else [
-                          curve_callback(Path(live_dir), resume=bool(last or step_offset), step_offset=step_offset)]))
+                          curve_callback(live_dir, resume=bool(last or step_offset), step_offset=step_offset)]))
     throughput = throughput_callback(trainer, compiled="compiled_layers" in levers, cuda_graphs="cuda_graphs" in levers,
                                       projection_gap=spec.galore.update_proj_gap if spec.galore else None)
     trainer.add_callback(throughput)
@@ -227,7 +228,7 @@ def train(spec: MethodSpec, params: Params, *, train_path: str | Path, models_di
         print(f"warning: {spec.name} peaked at {devices[0]['peak_memory_gb']} GB, over train.memory_budget_gb="
               f"{plan.budget_gb:g} (predicted {plan.predicted_peak_gb} GB): lower the budget", file=sys.stderr)
     if store:
-        store.put(key, Path(out_dir), None if live_dir is None else Path(live_dir), metrics)
+        store.put(key, out_dir, live_dir, metrics)
     if os.environ.get("FTSTUDY_KEEP_CHECKPOINTS") != "1":
         for ck in ckpt_dir.glob("checkpoint-*"):
             shutil.rmtree(ck)  # finished: the final model is in out_dir; keep the (small) stamp only
