@@ -12,11 +12,13 @@ reference), then through ``fastpath.compile_layers`` without and with CUDA graph
 graphs without inductor), every layer checkpointed. The gradients are read and dropped in each weight's
 post-accumulate hook, as layer-wise GaLore does. A variant whose every call stays within ``--tol`` of the
 reference on every weight is clear; otherwise the worst weights are printed per call. ``--inductor`` sets
-inductor's global options (compile_layers' own take precedence), to find the part of the compiler at fault:
-docs/gpu-speed.md has the sweep that found loop reordering after fusion.
+inductor's global options (compile_layers' own take precedence; ``--layer-inductor`` overrides those), to find the
+part of the compiler at fault: docs/gpu-speed.md has the sweep that found loop reordering after fusion.
 ``--method qlora`` or ``lora_wide`` checks a LoRA method's model instead, built as the training stages build it (the
 4-bit NF4 base for QLoRA, the study's adapter settings, its B matrices drawn at random so that A's gradients are
-not zero): the adapter's weights are then the ones compared.
+not zero): the adapter's weights are then the ones compared. ``--opaque-4bit`` leaves QLoRA's 4-bit linears as
+bitsandbytes' own autograd function instead of tracing them; ``--train-mode`` runs the model in training mode (LoRA
+dropout on, so each call draws its own masks: only NaNs and gross differences then mean anything).
 A CPU runs it too (small ``--layers``), without CUDA graphs. It exits non-zero when any call is off: the compiler's
 faults depend on its version, so run it before trusting compiled training on another torch (README).
 """
@@ -148,6 +150,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
                         help="torch._inductor.config settings for the compiled variants (e.g. triton.max_tiles=1), to "
                              "find the part of the compiler at fault")
+    parser.add_argument("--layer-inductor", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override compile_layers' own inductor options (e.g. loop_ordering_after_fusion=True)")
+    parser.add_argument("--opaque-4bit", action="store_true",
+                        help="QLoRA: keep bitsandbytes' 4-bit matmul instead of fastpath.trace_4bit_linears")
+    parser.add_argument("--train-mode", action="store_true", help="model.train(): LoRA dropout as in training")
     parser.add_argument("--method", choices=["full", "qlora", "lora_wide"], default="full",
                         help="full: every weight of the bf16 model (GaLore's case); a LoRA method: its adapter's")
     parser.add_argument("--tol", type=float, default=0.05, help="relative difference of a weight's gradient norm")
@@ -157,6 +164,9 @@ def main(argv: list[str] | None = None) -> dict:
         key, value = setting.split("=", 1)
         *path, name = key.split(".")
         setattr(functools.reduce(getattr, path, torch._inductor.config), name, ast.literal_eval(value))
+    layer_options = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in args.layer_inductor)}
+    if args.opaque_4bit:
+        fastpath.trace_4bit_linears = lambda layer: None
     data = batches(args.rows, args.seq_len, args.joins)
     results = {"shapes": [list(b["input_ids"].shape) for b in data]}
 
@@ -166,7 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
         make(args.layers).save_pretrained(base_dir, safe_serialization=True)
         build = functools.partial(make_method, args.method, base_dir)
     results["method"] = args.method
-    model = build()
+    results["settings"] = {"inductor": args.inductor, "layer_inductor": args.layer_inductor,
+                           "opaque_4bit": args.opaque_4bit, "train_mode": args.train_mode}
+    model = build().train(args.train_mode)
     enable_checkpointing(model, 0)
     norms = Norms(model)
     reference = [norms.call(model, b) for b in data]
@@ -175,11 +187,18 @@ def main(argv: list[str] | None = None) -> dict:
     del model, norms
     for variant in args.variants:
         torch._dynamo.reset()
-        model = build()
+        model = build().train(args.train_mode)
         enable_checkpointing(model, 0)
         compile_ = torch.nn.Module.compile
-        if variant == "aot_eager":  # AOTAutograd's graphs run without inductor: tells its codegen from the rest
-            torch.nn.Module.compile = lambda self, _compile=compile_, **kw: _compile(self, backend="aot_eager", **kw)
+
+        def compile_as_asked(self, variant=variant, _compile=compile_, **kw):
+            if variant == "aot_eager":  # AOTAutograd's graphs without inductor: tells its codegen from the rest
+                kw = {"backend": "aot_eager", **{k: v for k, v in kw.items() if k != "options"}}
+            else:
+                kw["options"] = {**kw.get("options", {}), **layer_options}
+            return _compile(self, **kw)
+
+        torch.nn.Module.compile = compile_as_asked
         try:
             fastpath.compile_layers(model, cuda_graphs=variant == "cuda_graphs", shapes=2)
         finally:
