@@ -74,8 +74,9 @@ def make_method(method: str, base_dir: Path):
     spec = method_spec(default_params("full"), method)
     model = load_start_model(spec, base_dir, base_dir.parent)
     model.config.use_cache = False
+    model.set_attn_implementation("eager")  # as make()'s: the reference computes attention as compiled layers do
+    torch.manual_seed(1)  # A's initialisation too: every variant's adapter must be the reference's
     model = attach_adapter(model, spec, gradient_checkpointing=True)
-    torch.manual_seed(1)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # zero at init: A's gradients would be zero too, and prove nothing
             torch.nn.init.normal_(p, std=0.02)
@@ -154,6 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="override compile_layers' own inductor options (e.g. loop_ordering_after_fusion=True)")
     parser.add_argument("--opaque-4bit", action="store_true",
                         help="QLoRA: keep bitsandbytes' 4-bit matmul instead of fastpath.trace_4bit_linears")
+    parser.add_argument("--bf16-norms", action="store_true",
+                        help="QLoRA: cast back to bf16 the norms prepare_model_for_kbit_training made fp32")
     parser.add_argument("--train-mode", action="store_true", help="model.train(): LoRA dropout as in training")
     parser.add_argument("--method", choices=["full", "qlora", "lora_wide"], default="full",
                         help="full: every weight of the bf16 model (GaLore's case); a LoRA method: its adapter's")
@@ -167,6 +170,14 @@ def main(argv: list[str] | None = None) -> dict:
     layer_options = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in args.layer_inductor)}
     if args.opaque_4bit:
         fastpath.trace_4bit_linears = lambda layer: None
+    make_lora = make_method
+    if args.bf16_norms:
+        def make_lora(*a, **kw):  # the same model with its frozen fp32 weights (the norms) in bf16
+            model = make_method(*a, **kw)
+            for p in model.parameters():
+                if p.dtype == torch.float32 and not p.requires_grad:
+                    p.data = p.data.to(torch.bfloat16)
+            return model
     data = batches(args.rows, args.seq_len, args.joins)
     results = {"shapes": [list(b["input_ids"].shape) for b in data]}
 
@@ -174,10 +185,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.method != "full":
         base_dir = Path(tempfile.mkdtemp()) / "base"
         make(args.layers).save_pretrained(base_dir, safe_serialization=True)
-        build = functools.partial(make_method, args.method, base_dir)
+        build = functools.partial(make_lora, args.method, base_dir)
     results["method"] = args.method
     results["settings"] = {"inductor": args.inductor, "layer_inductor": args.layer_inductor,
-                           "opaque_4bit": args.opaque_4bit, "train_mode": args.train_mode}
+                           "opaque_4bit": args.opaque_4bit, "bf16_norms": args.bf16_norms, "train_mode": args.train_mode}
     model = build().train(args.train_mode)
     enable_checkpointing(model, 0)
     norms = Norms(model)

@@ -77,11 +77,15 @@ def compile_layers(model, cuda_graphs: bool = False, shapes: int = 8) -> None:
         # per-layer graphs that gains no overlap and its split backward failed on 2 H200s (a tangent of the
         # wrong rank with wide LoRA). DDP then reduces each layer's gradients after its compiled backward.
         torch._dynamo.config.optimize_ddp = False
-    # Inductor's loop reordering after fusion (on by default) generated a wrong kernel in the backward of compiled
-    # Gemma 3 layers on an H200 (torch 2.11) for static shapes: query-projection gradients 10^4-10^5 times too large
-    # in every layer at batch width 128, right at 256, while the loss was right; LoRA hid it, full-parameter GaLore
-    # diverged. Off, the gradients match the uncompiled model's (benchmarks/compiled_grads.py --inductor).
-    inductor = {"loop_ordering_after_fusion": False}
+    # Two wrong backward kernels from inductor on an H200 (torch 2.11), both for static shapes only, with the loss
+    # right (benchmarks/compiled_grads.py finds them; docs/gpu-speed.md has the sweeps):
+    # - loop reordering after fusion (on by default): query-projection gradients 10^4-10^5 times too large in every
+    #   layer at batch width 128; LoRA hid it, full-parameter GaLore diverged;
+    # - 2-D tiled kernels: with LoRA adapters (QLoRA and wide LoRA) NaN adapter gradients at width 512, from the
+    #   first call (CUDA graphs: every call). One tile dimension per kernel clears it; loop reordering, split or
+    #   persistent reductions do not. With both settings every weight's gradient matches the uncompiled model's
+    #   (the bf16 model's at widths 128 and 256, QLoRA's adapter at 128 and 512, with and without CUDA graphs).
+    inductor = {"loop_ordering_after_fusion": False, "triton.max_tiles": 1}
     options = {"options": inductor}
     if cuda_graphs:
         inductor["triton.cudagraphs"] = True  # mode="reduce-overhead"; torch.compile takes a mode or options, not both
