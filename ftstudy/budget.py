@@ -71,16 +71,22 @@ def measure(model, spec, seq_len: int, vocab_size: int) -> Probe:
     """Peak memory of eager steps of ``model`` (not compiled yet: compiled layers, which fuse, take no more).
 
     Gradients are dropped as they arrive (as a layer-wise optimizer consumes them) and counted as static memory
-    where the optimizer holds them; optimizer state is estimated from the trainable parameters (two moments,
-    8-bit or fp32; GaLore's projected moments are smaller, so this errs on the safe side)."""
+    where the optimizer holds them. Optimizer state is counted from the shapes: layer-wise GaLore's exactly
+    (projected moments, buffers, bases: ``LayerwiseGaLore.held_bytes``), otherwise two moments per trainable
+    value, 8-bit or fp32 (for non-layer-wise GaLore that errs on the safe side)."""
+    from ftstudy.galore import LayerwiseGaLore, galore_targets
     from ftstudy.loss import completion_loss
+    from ftstudy.methods import galore_target_patterns
     from ftstudy.models import causal_lm
 
     layers = causal_lm(model).model.layers
     trainable = [p for p in model.parameters() if p.requires_grad]
     hooks = [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in trainable]
-    state_bytes = 1 if spec.eight_bit else 4
-    held = sum(p.numel() * state_bytes * 2 for p in trainable)
+    if spec.galore is not None and spec.layerwise:
+        targets = galore_targets(model, galore_target_patterns(spec.galore.target_modules))
+        held = LayerwiseGaLore.held_bytes(model, targets, eight_bit=spec.eight_bit, rank=spec.galore.rank)
+    else:
+        held = sum(p.numel() * (1 if spec.eight_bit else 4) * 2 for p in trainable)
     if not spec.layerwise:
         held += sum(p.numel() * p.element_size() for p in trainable)  # gradients live until the optimizer step
     was = [getattr(layer, "gradient_checkpointing", False) for layer in layers]

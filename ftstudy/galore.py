@@ -253,6 +253,27 @@ def galore_8bit_step(self, closure=None):
     return loss
 
 
+def _projects_right(p, proj_type: str) -> bool:
+    """Whether GaLoreProjector projects ``p``'s gradient on its right (m x r) rather than its left (r x n)."""
+    m, n = p.shape
+    right = {"std": m >= n, "reverse_std": m < n, "right": True, "left": False}
+    if proj_type not in right:
+        raise ValueError(f"GaLore proj_type={proj_type!r} is not supported by the batched layer-wise optimizer; "
+                         f"use one of {sorted(right)}")
+    return right[proj_type]
+
+
+def galore_targets(model, wanted) -> set[str]:
+    """The weights GaLore projects, as transformers selects them for its layer-wise optimizers: every linear layer
+    for "all-linear", else those whose module name matches ``wanted``."""
+    from torch import nn
+    from transformers.trainer_utils import check_target_module_exists
+
+    every = isinstance(wanted, str) and wanted.replace("_", "-") == "all-linear"
+    return {f"{n}.weight" for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and (every or check_target_module_exists(wanted, n))}
+
+
 class LayerwiseGaLore(torch.optim.Optimizer):
     """Layer-wise GaLore for the transformers Trainer: one param group that the Trainer's scheduler drives.
 
@@ -297,24 +318,41 @@ class LayerwiseGaLore(torch.optim.Optimizer):
         """The low-rank gradient's shape, as GaLoreProjector.project makes it (its SVD keeps min(rank, m, n))."""
         m, n = p.shape
         r = min(rank, m, n)
-        right = {"std": m >= n, "reverse_std": m < n, "right": True, "left": False}
-        if proj_type not in right:
-            raise ValueError(f"GaLore proj_type={proj_type!r} is not supported by the batched layer-wise optimizer; "
-                             f"use one of {sorted(right)}")
-        return torch.Size((m, r) if right[proj_type] else (r, n))
+        return torch.Size((m, r) if _projects_right(p, proj_type) else (r, n))
+
+    @staticmethod
+    def held_bytes(model, target_names: set[str], *, eight_bit: bool, rank: int, proj_type: str = "std") -> int:
+        """Bytes this optimizer holds for ``model`` from its first step on: moments (GaLore's at the projected
+        size), the batched buffers, 8-bit quantisation maxima and maps, and the projection matrices, which
+        galore-torch makes at a weight's first step. Computed from the shapes, before anything is allocated
+        (ftstudy.budget plans memory with it)."""
+        total, eight_bit_buckets = 0, set()
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            size = p.element_size()
+            target = name in target_names
+            n = LayerwiseGaLore._projected_shape(p, rank, proj_type).numel() if target else p.numel()
+            if target:  # the basis: rank rows of the side not projected on
+                total += min(rank, *p.shape) * p.shape[1 if _projects_right(p, proj_type) else 0] * size
+            if not eight_bit:  # one galore-torch GaLoreAdamW per weight: two moments like the (projected) gradient
+                total += 2 * n * size
+            elif not target and n >= MIN_8BIT_SIZE:  # the embedding: bitsandbytes' 8-bit AdamW, with its two maps
+                total += 2 * n + 2 * 4 * -(-n // BLOCK) + 2 * 4 * 256
+            elif n >= MIN_8BIT_SIZE:  # an 8-bit bucket: whole blocks, stand-in and gradient buffers, 8-bit moments
+                span = -(-n // BLOCK) * BLOCK
+                total += 2 * span * size + 2 * span + 2 * 4 * (span // BLOCK)
+                eight_bit_buckets.add((target, p.dtype))
+            else:  # a 32-bit bucket
+                total += 2 * n * size + 2 * 4 * n
+        return total + len(eight_bit_buckets) * 2 * 4 * 256  # each 8-bit bucket's two quantisation maps
 
     @classmethod
     def from_trainer_args(cls, model, args) -> LayerwiseGaLore:
         """Targets and GaLore settings read as transformers reads them for its layer-wise GaLore optimizers."""
-        from torch import nn
-        from transformers.trainer_utils import check_target_module_exists
-
         if args.gradient_accumulation_steps != 1:
             raise ValueError(f"Layerwise {args.optim} does not support gradient accumulation!")
-        wanted = args.optim_target_modules
-        every = isinstance(wanted, str) and wanted.replace("_", "-") == "all-linear"
-        targets = {f"{n}.weight" for n, m in model.named_modules()
-                   if isinstance(m, nn.Linear) and (every or check_target_module_exists(wanted, n))}
+        targets = galore_targets(model, args.optim_target_modules)
         opts = dict(kv.split("=") for kv in (args.optim_args or "").replace(" ", "").split(",") if kv)
         return cls(model, targets, eight_bit="8bit" in args.optim, lr=args.learning_rate, rank=int(opts.get("rank", 128)),
                    update_proj_gap=int(opts.get("update_proj_gap", 200)), scale=float(opts.get("scale", 0.25)),

@@ -304,3 +304,54 @@ def test_the_trainer_builds_non_layerwise_8bit_galore_from_the_projects_class(ti
     opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     assert type(opt) is galore.adamw_8bit_class()
     assert any(group.get("rank") == 8 for group in opt.param_groups)
+
+
+class _Mixed(nn.Module):
+    """One weight of each kind the batched optimizer treats apart: a GaLore target whose projection fills 8-bit
+    blocks, one whose projection is too small for 8 bits, a large non-target (the embedding's path) and a norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.big = nn.Linear(256, 512, bias=False)   # 512 x 256, projected on the right: 512 x 8 = 4,096 values
+        self.small = nn.Linear(96, 64, bias=False)   # 64 x 96, projected on the left: 8 x 96
+        self.emb = nn.Embedding(600, 16)             # 9,600 values, not a target
+        self.norm = nn.Parameter(torch.ones(64))
+
+    def loss(self, ids):
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(4, 256, generator=g), torch.randn(4, 96, generator=g)
+        return self.big(x).pow(2).mean() + (self.small(y) * self.norm).pow(2).mean() + self.emb(ids).pow(2).mean()
+
+
+def _held(opt) -> int:
+    """Bytes of every tensor the optimizer keeps between steps (scalars such as step counts left out)."""
+    tensors = [proj.ortho_matrix for proj in opt.projectors.values()]
+    for b in opt.buckets:
+        tensors += [getattr(b, name) for name in ("g", "p", "state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2")
+                    if hasattr(b, name)]
+    for single in opt.single.values():
+        for state in single.state.values():
+            for v in state.values():
+                tensors.append(getattr(v, "ortho_matrix", v))
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor) and t.numel() > 1)
+
+
+@pytest.mark.parametrize("eight_bit", [True, False])
+def test_held_bytes_predicts_what_the_optimizer_holds_after_its_first_step(eight_bit, monkeypatch):
+    """The memory-budget mode plans with LayerwiseGaLore.held_bytes before any optimizer exists: it must equal
+    what the optimizer then allocates (projected moments, buffers, 8-bit maxima and maps, the bases made at the
+    first step), not the full-size moments the plan counted before (1.2 GB too many for gemma-3-1b)."""
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    torch.manual_seed(0)
+    net = _Mixed()
+    targets = {"big.weight", "small.weight"}
+    predicted = LayerwiseGaLore.held_bytes(net, targets, eight_bit=eight_bit, rank=8)
+    opt = LayerwiseGaLore(net, targets, eight_bit=eight_bit, lr=1e-3, rank=8, update_proj_gap=10, scale=0.25)
+    if eight_bit:
+        assert {(b.galore, b.eight_bit) for b in opt.buckets} == {(True, True), (True, False), (False, False)}
+        assert len(opt.single) == 1  # the embedding
+    net.loss(torch.randint(0, 600, (4, 8))).backward()
+    opt.step()
+    assert predicted == _held(opt)
+    full_size_moments = sum(p.numel() for p in net.parameters()) * 2 * (1 if eight_bit else 4)
+    assert predicted < full_size_moments / 2
