@@ -7,7 +7,10 @@ import dataclasses
 import hashlib
 import json
 import multiprocessing
+import os
 import shutil
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -71,8 +74,25 @@ def _train_apart(method: str, params: Params, store_dir: str | Path, **paths) ->
     """One rate's run in a process of its own, as the training stage runs it: its peak memory (CPU RSS or CUDA),
     compiling and first steps are its own, not shaped by what an earlier rate left in this process, so the metrics
     the training at the best rate copies are those of a standalone run. Returns its metrics and its store keys."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_train_kept, method, params, store_dir, **paths).result()
+    return _apart(_train_kept, method, params, store_dir, **paths)
+
+
+def _apart(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a spawned process that ends when this one does."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this process once ``parent`` is gone. A killed stage's rate process would otherwise train on to the end
+    of its run (holding the CPU or GPU) beside the stage run again to resume the sweep."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def _train_kept(method: str, params: Params, store_dir: str | Path, **paths) -> tuple[dict, list[str]]:

@@ -599,3 +599,36 @@ def test_a_saved_adapter_names_the_pipelines_base_wherever_it_trained(workdir, t
     assert config["base_model_name_or_path"] == "models/base"
     card = (workdir / "models/lora_wide/README.md").read_text()
     assert "base_model: models/base\n" in card and str(workdir) not in card and str(tiny_model_dir) not in card
+
+
+def test_a_sweep_rates_process_ends_when_the_stage_process_is_killed(tmp_path):
+    """Each sweep rate trains in a spawned process; a SIGKILLed stage must not leave it training on (on a GPU for
+    hours) beside the stage run again to resume the sweep."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "stage.py"
+    script.write_text("import time\nfrom ftstudy.sweep import _apart\n\n"
+                      "if __name__ == '__main__':\n    _apart(time.sleep, 300)\n")
+    stage = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        deadline, workers = time.time() + 120, []
+        while not workers and time.time() < deadline:
+            workers = [c for c in psutil.Process(stage.pid).children(recursive=True)
+                       if "spawn_main" in " ".join(c.cmdline())]
+            time.sleep(0.2)
+        assert workers, "the rate's process never started"
+        time.sleep(2)  # its watcher is up once the worker has imported and run the pool's initializer
+    finally:
+        stage.kill()
+        stage.wait()
+    _, alive = psutil.wait_procs(workers, timeout=20)
+    for p in alive:
+        p.kill()
+    assert not alive, "the rate's process outlived its stage"
