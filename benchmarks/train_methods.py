@@ -187,6 +187,8 @@ def main() -> None:
     parser.add_argument("--galore-optimizer", choices=FULL_PARAMETER_OPTIMIZERS,
                         help="GaLore's and the hybrid's optimizer (default: the 8-bit layer-wise one on a GPU, the "
                              "32-bit one on a CPU)")
+    parser.add_argument("--lora-dropout", type=float,
+                        help="the LoRA methods' dropout (default: the profile's; speed.py trains with 0)")
     parser.add_argument("--galore-lr", type=float, help="GaLore's and the hybrid's learning rate (default: the embedded "
                         "profile's, tuned for the 270M model)")
     parser.add_argument("--out", type=Path)
@@ -208,6 +210,7 @@ def main() -> None:
     p = default_params()
     galore_opt = args.galore_optimizer or ("galore_adamw_8bit_layerwise" if cuda else "galore_adamw_layerwise")
     galore_lr = {"learning_rate": args.galore_lr} if args.galore_lr is not None else {}
+    dropout = {"lora_dropout": args.lora_dropout} if args.lora_dropout is not None else {}
     p = dataclasses.replace(
         p, train=dataclasses.replace(p.train, batch_size=args.batch, save_steps=10**6, warmup_steps=0,
                                      max_seq_len=args.seq_len, compile=args.compile,
@@ -216,6 +219,8 @@ def main() -> None:
                                      gradient_checkpointing=args.gradient_checkpointing, max_steps=args.steps,
                                      memory_budget_gb=args.memory_budget_gb, logging_steps=args.logging_steps),
         train_galore=dataclasses.replace(p.train_galore, optimizer=galore_opt, **galore_lr),
+        train_qlora=dataclasses.replace(p.train_qlora, **dropout),
+        train_lora_wide=dataclasses.replace(p.train_lora_wide, **dropout),
         train_sequential_ensemble=dataclasses.replace(p.train_sequential_ensemble, optimizer=galore_opt, **galore_lr),
         ui=dataclasses.replace(p.ui, progress_bar=False),
     )
