@@ -48,6 +48,16 @@ def build(method: str, variant: str, liger: bool, compiled: bool, base_dir: Path
     return model, opt
 
 
+KINDS = (("matmul", ("gemm", "cutlass", "nvjet", "sm90_", "sm80_", "cublas", "mm_")),
+         ("optimizer", ("optim", "adam", "kOptimizer", "8bit")),
+         ("copy", ("Memcpy", "Memset")), ("fused", ("triton_",)), ("eager", ("at::native", "void at::")))
+
+
+def kernel_kind(name: str) -> str:
+    """A kernel's family by its name: where a step's device time goes, at a glance."""
+    return next((kind for kind, marks in KINDS if any(m.lower() in name.lower() for m in marks)), "other")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--method", default="lora_wide")
@@ -102,6 +112,8 @@ def main() -> None:
     b = {k: v.cuda() for k, v in batches[-1].items()}
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(2):
+            if a.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             train_step(model, opt, b, a.variant, True)
             torch.cuda.synchronize()
     events = prof.key_averages()
@@ -110,7 +122,11 @@ def main() -> None:
     print(f"PROFILE gpu_busy_per_step_ms={gpu_us / 2000:.1f} cpu_self_per_step_ms={cpu_us / 2000:.1f} "
           f"wall_step_ms={med * 1000:.1f}")
     rows = sorted((e for e in events if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
-    for e in rows[:18]:
+    kinds = {}
+    for e in rows:
+        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0) + e.self_device_time_total / 2000
+    print("  by kind (ms/step): " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
+    for e in rows[:30]:
         print(f"  {e.self_device_time_total / 2000:8.2f} ms  x{e.count // 2:5d}  {e.key[:90]}")
     top_cpu = sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]
     for e in top_cpu:

@@ -14,8 +14,9 @@ instruction tuning), the same learning rate, and an optimizer built by transform
   run (fused head loss, the levers of ftstudy.fastpath, layer-wise 8-bit GaLore, fused AdamW), with the
   same checkpointing;
 - with ``--budgets``, the project again in memory-budget mode (ftstudy.budget): for each fraction of the
-  baseline's peak memory, the most rows per step (of ``--budget-rows``) that the budget's memory model predicts
-  fit; its predicted peak is printed beside the measured one. These rows spend memory on larger batches, so
+  baseline's peak memory, the rows per step (of ``--budget-rows``) and layers kept uncheckpointed that the budget's
+  cost model rates fastest among those its memory model predicts fit; its predicted peak is printed beside the
+  measured one. These rows spend memory on larger batches, so
   their loss is not the others' step for step;
 - with ``--trl``, a third: the project's model and optimizer, but the loss through TRL's fused LM head
   (``trl.trainer.utils.add_fused_lm_head``, what TRL's SFTTrainer uses) instead of ``ftstudy.loss``: an A/B of
@@ -233,7 +234,7 @@ def train_step(model, opt, batch: dict, variant: str, cuda: bool) -> torch.Tenso
 
 def plan_budget(method: str, base_dir: Path, budget_gb: float, rows: list[int], seq_len: int):
     """The budget's plan: ftstudy.budget's probe of the project's model (uncompiled, as the training stages probe
-    it), then the most candidate rows per step that fit."""
+    it), then the fastest plan by ftstudy.budget's cost model among the candidate rows per step and layers kept."""
     from ftstudy import budget
     from ftstudy.errors import UserError
     from ftstudy.methods import method_spec
@@ -250,12 +251,10 @@ def plan_budget(method: str, base_dir: Path, budget_gb: float, rows: list[int], 
     del model
     gc.collect()
     torch.cuda.empty_cache()
-    for n in sorted(rows, reverse=True):
-        try:
-            return budget.choose(probe, budget_gb, n, accumulate=False)
-        except UserError:  # these rows do not fit: fewer may
-            continue
-    raise SystemExit(f"{method}: no candidate of --budget-rows fits {budget_gb:.2f} GB")
+    try:
+        return budget.choose(probe, budget_gb, rows, accumulate=False, keep_pays=not spec.layerwise, seq_len=seq_len)
+    except UserError:
+        raise SystemExit(f"{method}: no candidate of --budget-rows fits {budget_gb:.2f} GB") from None
 
 
 def start_trace(cuda: bool):
@@ -290,7 +289,7 @@ def run_worker(method: str, variant: str, base_dir: Path, batches: list[dict], w
     if variant.startswith("budget="):
         seq_len = batches[0]["input_ids"].shape[1]
         plan = plan_budget(method, base_dir, float(variant.split("=")[1]), budget_rows, seq_len)
-        params = bench_params("project", cuda)  # every layer checkpointed, as a plan has it
+        params = bench_params("project", cuda, plan.keep_activations)  # the layers the plan keeps uncheckpointed
         batches = make_batches(len(batches), plan.micro_batch, seq_len, vocab, prompt_frac)
         variant = "project"
     model, opt, levers, optim = build_variant(method, variant, base_dir, cuda, params, batches[0]["input_ids"].shape[1])
@@ -461,9 +460,11 @@ def main(argv=None) -> list[dict]:
                 plan = b["plan"]
                 b_flops = flops_per_token(arch, args.seq_len, 1 - args.prompt_frac, full=lora is None,
                                           lora_r=lora.lora_r if lora else 0,
-                                          lora_modules=tuple(lora.target_modules) if lora else ())
+                                          lora_modules=tuple(lora.target_modules) if lora else (),
+                                          recompute=1 - plan["keep_activations"] / arch["num_hidden_layers"])
                 rec["budgets"].append({
                     "fraction": fraction, "budget_gb": plan["budget_gb"], "rows": plan["micro_batch"],
+                    "keep_activations": plan["keep_activations"],
                     "predicted_peak_gb": plan["predicted_peak_gb"], "peak_allocated_gb": b["peak_allocated_gb"],
                     "within_budget": b["peak_allocated_gb"] <= plan["budget_gb"],
                     "memory_ratio": round(b["peak_allocated_gb"] / base["peak_allocated_gb"], 3),
@@ -499,14 +500,14 @@ def main(argv=None) -> list[dict]:
               f"{r.get('memory_ratio', float('nan')):>9.2f} {r['baseline_loss']:>10.4f} {r['loss']:>10.4f} "
               f"{r['mfu'] if r['mfu'] is not None else '-':>6}")
     if any(r["budgets"] for r in records):
-        print(f"\n{'method':10} {'budget':>7} {'GB':>6} {'rows':>5} {'pred GB':>8} {'peak GB':>8} "
+        print(f"\n{'method':10} {'budget':>7} {'GB':>6} {'rows':>5} {'kept':>5} {'pred GB':>8} {'peak GB':>8} "
               f"{'mem ratio':>9} {'tok/s':>8} {'speedup':>8} {'MFU':>6}")
         for r in records:
             for b in r["budgets"]:
                 if "error" in b:
                     print(f"{r['method']:10} {b['fraction']:>6.2f}x  {b['error']}")
                     continue
-                print(f"{r['method']:10} {b['fraction']:>6.2f}x {b['budget_gb']:>6.1f} {b['rows']:>5} "
+                print(f"{r['method']:10} {b['fraction']:>6.2f}x {b['budget_gb']:>6.1f} {b['rows']:>5} {b['keep_activations']:>5} "
                       f"{b['predicted_peak_gb']:>8.2f} {b['peak_allocated_gb']:>8.2f} "
                       f"{b['memory_ratio']:>9.2f} {b['tokens_per_s']:>8.0f} {b['speedup']:>8.2f} {b['mfu']!s:>6}")
     if any(r["unsloth"] for r in records):

@@ -1,18 +1,26 @@
 """Memory-budget mode (train.memory_budget_gb): spend a GPU memory budget on speed.
 
-Checkpointing every decoder layer keeps a 1B model's training in a few GB of a card that has tens free. What the
-free memory buys was measured on an H200 (gemma-3-1b, 512-token rows, benchmarks/results/budget_h200.json):
-keeping every layer's activations instead of recomputing them was no faster on the compiled path (0.89-0.97x the
-checkpointed rate at 8 rows, through the stages' train()), while more rows per step were (wide LoRA, 64 rows
-1.19x 8 rows, both checkpointed). So a plan keeps checkpointing every layer and spends the budget on rows per
-micro-step: the fewest micro-steps per optimizer step whose peak the memory model predicts within the budget.
-The model is fitted on the method's own model before training (one eager forward and backward at 1 and at 2
-rows), and the peak the run then reaches is recorded beside the prediction (metrics ``memory_plan``): it is
-checked on every run. The rows per optimizer step never change: the budget buys speed, not another training run.
+Checkpointing every decoder layer keeps a 1B model's training in a few GB of a card that has tens free. The budget
+buys speed two ways, both measured on an H200 (gemma-3-1b, 8 x 512-token rows, compiled layers replayed as CUDA
+graphs, benchmarks/profile_step.py; docs/gpu-speed.md):
+
+- more rows per micro-step, which spread a step's fixed cost (kernel launches, the optimizer, the head's chunk
+  loop): wide LoRA took 79 ms for 8 rows and 270 ms for 32, i.e. ~16 ms a step besides ~8 ms a row;
+- layers that keep their activations instead of recomputing them: with none checkpointed, QLoRA stepped 1.31x and
+  wide LoRA 1.23x (8 rows) and 1.29x (32 rows) faster. Layer-wise GaLore did not (0.80x at 8 rows: its backward
+  runs a Python hook per weight, so the step waits on the host, not on the recompute), so for layer-wise
+  optimizers a plan keeps checkpointing every layer.
+
+A plan is the (micro-batch, kept layers) pair with the highest rate by that cost model (``rate``) among those the
+memory model predicts within the budget. The memory model is fitted on the method's own model before training (eager
+forward and backward at 1 and 2 rows with every layer checkpointed, and at 1 row with none), and the peak the run
+then reaches is recorded beside the prediction (metrics ``memory_plan``): it is checked on every run. The rows per
+optimizer step never change: the budget buys speed, not another training run.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -20,20 +28,27 @@ import torch
 from ftstudy.errors import UserError
 
 MARGIN = 0.95  # plan to this share of the budget: the allocator's fragmentation and compiled graphs' pools
+# The cost model's two constants, from wide LoRA on an H200 (above): a step's fixed cost in tokens' worth of
+# compute (16 ms against 8 ms per 512-token row), and the share of a row's compute that recomputing every layer's
+# forward adds (1 - 1/1.23-1.31).
+STEP_COST_TOKENS = 1024
+RECOMPUTE_SHARE = 0.24
 
 
 @dataclass(frozen=True)
 class Probe:
-    """Peak bytes of one forward and backward, every layer checkpointed, measured on the method's model."""
+    """Peak bytes of one forward and backward, measured on the method's model."""
 
     static: int    # allocated before the step (weights, quantization state) + optimizer state + gradients held
-    one_row: int   # the step's peak above static with one row
+    one_row: int   # the step's peak above static with one row, every layer checkpointed
     two_rows: int  # and with two
+    kept: int = 0  # what one row adds when no layer is checkpointed (activations the recompute would rebuild)
+    layers: int = 1
 
-    def peak(self, rows: int) -> float:
+    def peak(self, rows: int, keep: int = 0) -> float:
         per_row = self.two_rows - self.one_row  # activations that grow with the rows
         fixed = self.one_row - per_row          # the step's transients that do not (the head's chunk, workspaces)
-        return self.static + fixed + rows * per_row
+        return self.static + fixed + rows * (per_row + self.kept * keep / self.layers)
 
 
 @dataclass(frozen=True)
@@ -41,23 +56,37 @@ class MemoryPlan:
     budget_gb: float
     micro_batch: int
     grad_accum: int
+    keep_activations: int
     predicted_peak_gb: float
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def choose(probe: Probe, budget_gb: float, rows: int, accumulate: bool) -> MemoryPlan:
-    """The plan for ``rows`` per optimizer step with the fewest micro-steps that ``probe`` predicts within
-    ``budget_gb``. Micro-batches divide ``rows``; ``accumulate`` False allows only ``rows`` itself (layer-wise
-    optimizers step inside the backward; CUDA graphs forced on cannot accumulate)."""
+def rate(micro: int, accum: int, keep: int, layers: int, seq_len: int) -> float:
+    """Tokens per unit of time by the cost model above (relative: only the order of plans matters)."""
+    tokens = micro * accum * seq_len
+    return tokens / (accum * STEP_COST_TOKENS + tokens * (1 - RECOMPUTE_SHARE * keep / layers))
+
+
+def choose(probe: Probe, budget_gb: float, rows: int | Sequence[int], accumulate: bool, keep_pays: bool,
+           seq_len: int) -> MemoryPlan:
+    """The fastest plan by ``rate`` that ``probe`` predicts within ``budget_gb``, for ``rows`` per optimizer step
+    (or, given several, for any of them: benchmarks that may spend the budget on a larger batch). Micro-batches
+    divide the rows; ``accumulate`` False allows only the rows themselves (layer-wise optimizers step inside the
+    backward; CUDA graphs forced on cannot accumulate). ``keep_pays`` False keeps checkpointing every layer."""
     limit = budget_gb * 2**30 * MARGIN
-    for micro in [m for m in range(rows, 0, -1) if rows % m == 0 and (accumulate or m == rows)]:
-        if probe.peak(micro) <= limit:
-            return MemoryPlan(budget_gb, micro, rows // micro, round(probe.peak(micro) / 2**30, 3))
-    need = probe.peak(1 if accumulate else rows) / 2**30
+    options = [rows] if isinstance(rows, int) else list(rows)
+    fits = [(rate(m, n // m, k, probe.layers, seq_len), -n // m, m, n // m, k)
+            for n in options for m in range(n, 0, -1) if n % m == 0 and (accumulate or m == n)
+            for k in (range(probe.layers + 1) if keep_pays else [0]) if probe.peak(m, k) <= limit]
+    if fits:
+        _, _, micro, accum, keep = max(fits)
+        return MemoryPlan(budget_gb, micro, accum, keep, round(probe.peak(micro, keep) / 2**30, 3))
+    least = min(options)
+    need = probe.peak(1 if accumulate else least) / 2**30
     raise UserError(f"train.memory_budget_gb={budget_gb:g} is below what one optimizer step needs with every layer "
-                    f"checkpointed ({need:.2f} GB predicted{'' if accumulate else f' for {rows} rows at once'}); "
+                    f"checkpointed ({need:.2f} GB predicted{'' if accumulate else f' for {least} rows at once'}); "
                     f"raise it, or set it to 0 to train with the configured checkpointing and batch")
 
 
@@ -68,7 +97,8 @@ def check(budget_gb: float, cuda: bool) -> None:
 
 
 def measure(model, spec, seq_len: int, vocab_size: int) -> Probe:
-    """Peak memory of eager steps of ``model`` (not compiled yet: compiled layers, which fuse, take no more).
+    """Peak memory of eager steps of ``model`` (not compiled yet: compiled layers, which fuse, take no more): one and
+    two rows with every layer checkpointed, one row with none.
 
     Gradients are dropped as they arrive (as a layer-wise optimizer consumes them) and counted as static memory
     where the optimizer holds them. Optimizer state is counted from the shapes: layer-wise GaLore's exactly
@@ -110,7 +140,10 @@ def measure(model, spec, seq_len: int, vocab_size: int) -> Probe:
 
     try:
         static = torch.cuda.memory_allocated() + held
-        probe = Probe(static, step(1), step(2))
+        one, two = step(1), step(2)
+        for layer in layers:
+            layer.gradient_checkpointing = False
+        probe = Probe(static, one, two, kept=max(0, step(1) - one), layers=len(layers))
     finally:
         for h in hooks:
             h.remove()

@@ -7,7 +7,8 @@ on; the levers here are switched by ``train.kernels``, ``train.compile`` and ``t
 
 - torch.compile of each decoder layer ("regional" compilation: one graph serves every layer of a kind, so
   compiling costs seconds, not minutes), with activation checkpointing traced inside the graph and QLoRA's
-  4-bit linears in traceable ops, so that the compiler recomputes them;
+  4-bit linears in traceable ops, so that the compiler recomputes them; and of the fused head's softmax and
+  cross-entropy (ftstudy.loss.compile_head);
 - CUDA graphs for those compiled layers: a step at 8 x 512 tokens is bound by kernel launches, not the GPU;
 - Liger's Triton kernels for Gemma 3's RMSNorm, rotary embedding and GeGLU MLP where layers are not compiled;
 - a fused AdamW (one kernel for all LoRA tensors instead of several per tensor).
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ftstudy.errors import UserError
+from ftstudy.loss import compile_head
 from ftstudy.models import causal_lm
 
 
@@ -93,6 +95,7 @@ def compile_layers(model, cuda_graphs: bool = False, shapes: int = 8) -> None:
         # The layers share their graphs (their weights are graph inputs): one entry per batch shape.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
     use_grouped_attention(model)
+    compile_head(model)
     for layer in causal_lm(model).model.layers:
         trace_4bit_linears(layer)
         if getattr(layer, "gradient_checkpointing", False):

@@ -33,6 +33,31 @@ def head_ce(lm, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "s
     return F.cross_entropy(logits, targets, reduction=reduction)
 
 
+def softmax_ce(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's summed cross-entropy and its gradient with respect to the logits (softmax - one-hot), in the
+    logits' dtype, reduced in fp32. What the fused head's eager loop computes in place; compiled (compile_head),
+    it is one reduction and one elementwise pass over the bf16 logits instead of a dozen eager kernels: on an H200
+    those took ~13 ms of a 65-80 ms step of 8 x 512 rows, more than the head's matmuls."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    loss = (lse - x.gather(1, targets[:, None]).squeeze(1)).sum()
+    hot = torch.arange(x.shape[1], device=x.device) == targets[:, None]
+    return loss, ((x - lse[:, None]).exp() - hot.to(x.dtype)).to(logits.dtype)
+
+
+COMPILED_HEAD = "ftstudy_compiled_head"  # set on the causal LM whose fused head uses the compiled softmax_ce
+_compiled_softmax_ce = None
+
+
+def compile_head(model) -> None:
+    """The fused head's per-chunk cross-entropy and gradient through torch.compile (with train.compile)."""
+    global _compiled_softmax_ce
+    if _compiled_softmax_ce is None:
+        # dynamic: a batch's labelled rows, and so its last chunk's, vary from batch to batch.
+        _compiled_softmax_ce = torch.compile(softmax_ce, dynamic=True)
+    setattr(causal_lm(model), COMPILED_HEAD, True)
+
+
 class _FusedLinearCE(torch.autograd.Function):
     """sum(CE(hidden @ weight.T, targets)), with both gradients computed chunk by chunk in the forward.
 
@@ -43,7 +68,7 @@ class _FusedLinearCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk):
+    def forward(ctx, hidden, weight, targets, chunk, compiled):
         need_h, need_w = hidden.requires_grad, weight.requires_grad
         grad_h = torch.empty_like(hidden, dtype=weight.dtype) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
@@ -52,15 +77,19 @@ class _FusedLinearCE(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk):
                 h = hidden[start:start + chunk].to(weight.dtype)
                 t = targets[start:start + chunk]
-                logits = (h @ weight.T).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-                if not (need_h or need_w):
-                    continue
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: d(CE)/d(logits) = softmax - onehot
-                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                g = probs.to(weight.dtype)
-                del logits, probs
+                if compiled and (need_h or need_w):
+                    part, g = _compiled_softmax_ce(h @ weight.T, t)
+                    total += part
+                else:  # the same arithmetic in place, one fp32 chunk of logits at a time
+                    logits = (h @ weight.T).float()
+                    lse = torch.logsumexp(logits, dim=-1)
+                    total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                    if not (need_h or need_w):
+                        continue
+                    probs = logits.sub_(lse[:, None]).exp_()  # softmax: d(CE)/d(logits) = softmax - onehot
+                    probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                    g = probs.to(weight.dtype)
+                    del logits, probs
                 if need_h:
                     torch.mm(g, weight, out=grad_h[start:start + chunk])
                 if need_w:
@@ -74,7 +103,7 @@ class _FusedLinearCE(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = (grad_h * grad_out).to(ctx.hidden_dtype) if grad_h is not None else None
         gw = grad_w.mul_(grad_out.to(grad_w.dtype)) if grad_w is not None else None
-        return gh, gw, None, None
+        return gh, gw, None, None, None
 
 
 def _fsdp_managed(module) -> bool:
@@ -99,7 +128,7 @@ def labelled_ce(lm, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     weight = lm.lm_head.weight
     chunk = chunk_rows(weight.shape[0])
     if _fusable(lm):
-        return _FusedLinearCE.apply(hidden, weight, targets, chunk)
+        return _FusedLinearCE.apply(hidden, weight, targets, chunk, getattr(lm, COMPILED_HEAD, False))
     if hidden.shape[0] <= chunk or _fsdp_managed(lm) or _fsdp_managed(lm.lm_head):
         # Under FSDP the head's weight is whole only inside its own forward: a chunk recomputed in the backward
         # would meet the sharded weight. FSDP runs hold the labelled positions' logits at once instead.

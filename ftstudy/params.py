@@ -126,8 +126,8 @@ class TrainParams:
     cuda_graphs: str = _spec(choices=FASTPATH_SETTINGS, doc="replay the compiled layers as CUDA graphs "
                              "(torch.compile reduce-overhead); auto = on wherever layers are compiled")
     memory_budget_gb: float = _spec(ge=0, doc="GPU memory a training may use (per device; above the card's: the "
-                                             "card's); > 0 measures the model and picks the micro-batch that fits it, "
-                                             "every layer checkpointed (ftstudy.budget), overriding "
+                                             "card's); > 0 measures the model and picks the micro-batch and the layers "
+                                             "kept uncheckpointed that fit it (ftstudy.budget), overriding "
                                              "gradient_checkpointing and keep_activations; 0 = off")
     num_processes: int = _spec(ge=1, le=64, doc="workers (GPUs) per machine for a training stage; >1 launches it "
                                                "through torchrun")

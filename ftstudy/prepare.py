@@ -68,22 +68,23 @@ def enable_checkpointing(model, keep_activations: int) -> None:
 def prepare_model(spec: MethodSpec, params: Params, base_dir: Path,
                   models_dir: Path) -> tuple[object, list[str], budget.MemoryPlan | None]:
     """The model ``spec`` trains, with the speed levers of ftstudy.fastpath that params and the device call for,
-    and with train.memory_budget_gb the plan that fits it (micro-batch and accumulation, every layer checkpointed)."""
+    and with train.memory_budget_gb the plan that fits it (micro-batch, accumulation and layers kept uncheckpointed)."""
     t = params.train
     model = load_start_model(spec, base_dir, models_dir)
     model.config.use_cache = False
     planned = t.memory_budget_gb > 0
     model = attach_adapter(model, spec, t.gradient_checkpointing or planned)
     plan, keep, accum = None, t.keep_activations, t.grad_accum
-    if planned:  # measured before compiling; a plan checkpoints every layer (ftstudy.budget says why)
+    if planned:  # measured before compiling
         enable_checkpointing(model, 0)
         if not spec.quantize_4bit:
             model.to("cuda")
         probe = budget.measure(model, spec, t.max_seq_len, causal_lm(model).config.vocab_size)
         card_gb = torch.cuda.mem_get_info()[1] / 2**30  # a budget above the card is the card
         plan = budget.choose(probe, min(t.memory_budget_gb, card_gb), rows=t.batch_size // t.world * t.grad_accum,
-                             accumulate=not spec.layerwise and t.cuda_graphs != "on")  # see graphs below
-        keep, accum = 0, plan.grad_accum
+                             accumulate=not spec.layerwise and t.cuda_graphs != "on",  # see graphs below
+                             keep_pays=not spec.layerwise, seq_len=t.max_seq_len)
+        keep, accum = plan.keep_activations, plan.grad_accum
     if (t.gradient_checkpointing or planned) and not t.fsdp:  # FSDP checkpoints with its own wrapper
         enable_checkpointing(model, keep)
     # Compiled layers under FSDP2 with its checkpointing crashed in cuDNN attention's backward on 2 H200s.

@@ -341,7 +341,8 @@ def test_4bit_without_bitsandbytes_is_a_clear_error(monkeypatch):
 @pytest.mark.parametrize("frozen_head", [False, True], ids=["trained-head", "frozen-head"])
 def test_fused_and_chunked_losses_equal_the_plain_loss_and_gradients(tiny_model_dir, tiny_tokenizer, monkeypatch,
                                                                      frozen_head):
-    """The fused head (gradients made in the forward) and the checkpointed chunks change nothing that is learned."""
+    """The fused head (gradients made in the forward; its softmax compiled or not) and the checkpointed chunks change
+    nothing that is learned."""
     from ftstudy import loss as loss_mod
     from ftstudy.models import load_model
 
@@ -349,10 +350,12 @@ def test_fused_and_chunked_losses_equal_the_plain_loss_and_gradients(tiny_model_
     vocab = load_model(tiny_model_dir).config.vocab_size
     results = {}
     for name, fused, rows in [("plain", False, 10**6), ("fused", True, 10**6), ("fused-chunks", True, 7),
-                              ("checkpointed-chunks", False, 7)]:
+                              ("compiled-fused-chunks", True, 7), ("checkpointed-chunks", False, 7)]:
         monkeypatch.setattr(loss_mod, "LOGIT_CHUNK_BYTES", rows * 4 * vocab)
         monkeypatch.setattr(loss_mod, "_fusable", lambda lm, fused=fused: fused)
         model = load_model(tiny_model_dir).train()
+        if name.startswith("compiled"):  # train.compile's head: softmax_ce through torch.compile
+            loss_mod.compile_head(model)
         if frozen_head:  # LoRA: the tied embedding / head is frozen, the gradient must still reach the layers
             model.lm_head.weight.requires_grad_(False)
         value = completion_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
