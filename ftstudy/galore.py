@@ -85,6 +85,11 @@ class _Bucket:
         self.steps = [0] * len(self.members)
         self.view = {id(p): (i, self.g[o:o + s.numel()].view(s)) for i, (p, o, s) in enumerate(self.members)}
 
+    def tensors(self) -> list[torch.Tensor]:
+        """What ``allocate`` made: the buffers, the states and, in 8 bits, their maxima and quantisation maps."""
+        return [getattr(self, n) for n in ("g", "p", "state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2")
+                if hasattr(self, n)]
+
     def update(self, lr: float, weight_decay: float, ids: list[int]) -> None:
         """One bitsandbytes call over the buffers for the members ``ids`` (those with a gradient this step); one
         per weight where some weight had none (each weight's Adam step count is its own, as with one optimizer
@@ -263,6 +268,29 @@ def _projects_right(p, proj_type: str) -> bool:
     return right[proj_type]
 
 
+def _projected_shape(p, rank: int, proj_type: str) -> torch.Size:
+    """The low-rank gradient's shape, as GaLoreProjector.project makes it (its SVD keeps min(rank, m, n))."""
+    m, n = p.shape
+    r = min(rank, m, n)
+    return torch.Size((m, r) if _projects_right(p, proj_type) else (r, n))
+
+
+def _layout(named, target_names: set[str], *, eight_bit: bool, rank: int, proj_type: str):
+    """Which weight ``LayerwiseGaLore`` steps how, without allocating anything: (name, weight) pairs stepped by an
+    optimizer of their own (every weight in 32 bits; in 8 bits a large weight outside GaLore's targets, the
+    embedding), and the 8-bit buckets with each member's offset and updated shape (projected for GaLore weights)."""
+    singles, buckets = [], {}
+    for name, p in named:
+        target = name in target_names
+        if not eight_bit or (not target and p.numel() >= MIN_8BIT_SIZE):
+            singles.append((name, p))
+            continue
+        shape = _projected_shape(p, rank, proj_type) if target else p.shape
+        eight = shape.numel() >= MIN_8BIT_SIZE
+        buckets.setdefault((target, eight, p.dtype), _Bucket(target, eight, p.dtype)).add(p, shape)
+    return singles, list(buckets.values())
+
+
 def galore_targets(model, wanted) -> set[str]:
     """The weights GaLore projects, as transformers selects them for its layer-wise optimizers: every linear layer
     for "all-linear", else those whose module name matches ``wanted``."""
@@ -288,24 +316,16 @@ class LayerwiseGaLore(torch.optim.Optimizer):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         super().__init__([p for _, p in named], {"lr": lr})
         galore = {"rank": rank, "update_proj_gap": update_proj_gap, "scale": scale, "proj_type": proj_type}
-        self.projectors, self.single, buckets = {}, {}, {}
-        for name, p in named:
-            target = name in target_names
-            if not eight_bit:
-                self.single[p] = GaLoreAdamW([{"params": [p], **(galore if target else {})}], lr=lr)
-                _seed_projector(self.single[p], p)
-                continue
-            if target:
-                self.projectors[p] = projector(rank, update_proj_gap, scale, proj_type)
-                shape = self._projected_shape(p, rank, proj_type)
+        singles, self.buckets = _layout(named, target_names, eight_bit=eight_bit, rank=rank, proj_type=proj_type)
+        self.single = {}
+        for name, p in singles:
+            if eight_bit:  # the embedding: stepped in its hook by galore-torch's own class
+                self.single[p] = adamw_8bit_class()([p], lr=lr)
             else:
-                shape = p.shape
-                if p.numel() >= MIN_8BIT_SIZE:  # the embedding: stepped in its hook by galore-torch's own class
-                    self.single[p] = adamw_8bit_class()([p], lr=lr)
-                    continue
-            eight = shape.numel() >= MIN_8BIT_SIZE
-            buckets.setdefault((target, eight, p.dtype), _Bucket(target, eight, p.dtype)).add(p, shape)
-        self.buckets = list(buckets.values())
+                self.single[p] = GaLoreAdamW([{"params": [p], **(galore if name in target_names else {})}], lr=lr)
+                _seed_projector(self.single[p], p)
+        self.projectors = {p: projector(rank, update_proj_gap, scale, proj_type)  # the 8-bit buckets' GaLore weights
+                           for name, p in named if eight_bit and name in target_names}
         for b in self.buckets:
             b.allocate(b.members[0][0].device)
         self.slot = {pid: (b, i, view) for b in self.buckets for pid, (i, view) in b.view.items()}
@@ -314,38 +334,25 @@ class LayerwiseGaLore(torch.optim.Optimizer):
         self.handles = [p.register_post_accumulate_grad_hook(self._hook) for _, p in named]
 
     @staticmethod
-    def _projected_shape(p, rank: int, proj_type: str) -> torch.Size:
-        """The low-rank gradient's shape, as GaLoreProjector.project makes it (its SVD keeps min(rank, m, n))."""
-        m, n = p.shape
-        r = min(rank, m, n)
-        return torch.Size((m, r) if _projects_right(p, proj_type) else (r, n))
-
-    @staticmethod
     def held_bytes(model, target_names: set[str], *, eight_bit: bool, rank: int, proj_type: str = "std") -> int:
-        """Bytes this optimizer holds for ``model`` from its first step on: moments (GaLore's at the projected
-        size), the batched buffers, 8-bit quantisation maxima and maps, and the projection matrices, which
-        galore-torch makes at a weight's first step. Computed from the shapes, before anything is allocated
-        (ftstudy.budget plans memory with it)."""
-        total, eight_bit_buckets = 0, set()
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            size = p.element_size()
-            target = name in target_names
-            n = LayerwiseGaLore._projected_shape(p, rank, proj_type).numel() if target else p.numel()
-            if target:  # the basis: rank rows of the side not projected on
-                total += min(rank, *p.shape) * p.shape[1 if _projects_right(p, proj_type) else 0] * size
-            if not eight_bit:  # one galore-torch GaLoreAdamW per weight: two moments like the (projected) gradient
-                total += 2 * n * size
-            elif not target and n >= MIN_8BIT_SIZE:  # the embedding: bitsandbytes' 8-bit AdamW, with its two maps
-                total += 2 * n + 2 * 4 * -(-n // BLOCK) + 2 * 4 * 256
-            elif n >= MIN_8BIT_SIZE:  # an 8-bit bucket: whole blocks, stand-in and gradient buffers, 8-bit moments
-                span = -(-n // BLOCK) * BLOCK
-                total += 2 * span * size + 2 * span + 2 * 4 * (span // BLOCK)
-                eight_bit_buckets.add((target, p.dtype))
-            else:  # a 32-bit bucket
-                total += 2 * n * size + 2 * 4 * n
-        return total + len(eight_bit_buckets) * 2 * 4 * 256  # each 8-bit bucket's two quantisation maps
+        """Bytes this optimizer holds for ``model`` from its first step on, before anything is allocated
+        (ftstudy.budget plans memory with it): the buckets of the same layout as the constructor's, sized on the
+        meta device; the per-weight optimizers' moments (bitsandbytes' 8-bit AdamW for the embedding with its
+        maxima and maps; galore-torch's at the projected size); the projection bases galore-torch makes at a
+        weight's first step."""
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        singles, buckets = _layout(named, target_names, eight_bit=eight_bit, rank=rank, proj_type=proj_type)
+        total = 0
+        for b in buckets:
+            b.allocate(torch.device("meta"))
+            total += sum(t.numel() * t.element_size() for t in b.tensors())
+        for name, p in singles:
+            n = _projected_shape(p, rank, proj_type).numel() if name in target_names else p.numel()
+            total += 2 * n + 2 * 4 * (-(-n // BLOCK) + 256) if eight_bit else 2 * n * p.element_size()
+        for name, p in named:
+            if name in target_names:  # the basis: rank rows of the side not projected on
+                total += min(rank, *p.shape) * p.shape[1 if _projects_right(p, proj_type) else 0] * p.element_size()
+        return total
 
     @classmethod
     def from_trainer_args(cls, model, args) -> LayerwiseGaLore:

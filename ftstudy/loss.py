@@ -36,8 +36,9 @@ def head_ce(lm, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "s
 def softmax_ce(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk's summed cross-entropy and its gradient with respect to the logits (softmax - one-hot), in the
     logits' dtype, reduced in fp32. What the fused head's eager loop computes in place; compiled (compile_head),
-    it is one reduction and one elementwise pass over the bf16 logits instead of a dozen eager kernels: on an H200
-    those took ~13 ms of a 65-80 ms step of 8 x 512 rows, more than the head's matmuls."""
+    it is a few fused passes over the bf16 logits instead of a dozen eager kernels, which on an H200 kept the GPU
+    busy ~9 ms of a 64 ms wide-LoRA step of 8 x 512 rows (benchmarks/results/profile_checkpointing_h200.txt), and
+    no fp32 copy of the chunk is made."""
     x = logits.float()
     lse = torch.logsumexp(x, dim=-1)
     loss = (lse - x.gather(1, targets[:, None]).squeeze(1)).sum()
