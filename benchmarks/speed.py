@@ -252,7 +252,7 @@ def plan_budget(method: str, base_dir: Path, budget_gb: float, rows: list[int], 
     gc.collect()
     torch.cuda.empty_cache()
     try:
-        return budget.choose(probe, budget_gb, rows, accumulate=False, keep_pays=not spec.layerwise, seq_len=seq_len)
+        return budget.choose(probe, budget_gb, rows, accumulate=False, seq_len=seq_len)
     except UserError:
         raise SystemExit(f"{method}: no candidate of --budget-rows fits {budget_gb:.2f} GB") from None
 

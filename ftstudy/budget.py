@@ -42,13 +42,13 @@ class Probe:
     static: int    # allocated before the step (weights, quantization state) + optimizer state + gradients held
     one_row: int   # the step's peak above static with one row, every layer checkpointed
     two_rows: int  # and with two
-    kept: int = 0  # what one row adds when no layer is checkpointed (activations the recompute would rebuild)
+    kept: int | None = None  # what one row adds with no layer checkpointed; None: keeping layers does not pay
     layers: int = 1
 
     def peak(self, rows: int, keep: int = 0) -> float:
         per_row = self.two_rows - self.one_row  # activations that grow with the rows
         fixed = self.one_row - per_row          # the step's transients that do not (the head's chunk, workspaces)
-        return self.static + fixed + rows * (per_row + self.kept * keep / self.layers)
+        return self.static + fixed + rows * (per_row + (self.kept or 0) * keep / self.layers)
 
 
 @dataclass(frozen=True)
@@ -69,17 +69,24 @@ def rate(micro: int, accum: int, keep: int, layers: int, seq_len: int) -> float:
     return tokens / (accum * STEP_COST_TOKENS + tokens * (1 - RECOMPUTE_SHARE * keep / layers))
 
 
-def choose(probe: Probe, budget_gb: float, rows: int | Sequence[int], accumulate: bool, keep_pays: bool,
-           seq_len: int) -> MemoryPlan:
+def keeping_pays(spec) -> bool:
+    """Whether layers that keep their activations make ``spec``'s steps faster: not for layer-wise optimizers,
+    whose backward waits on a Python hook per weight (above)."""
+    return not spec.layerwise
+
+
+def choose(probe: Probe, budget_gb: float, rows: int | Sequence[int], accumulate: bool, seq_len: int) -> MemoryPlan:
     """The fastest plan by ``rate`` that ``probe`` predicts within ``budget_gb``, for ``rows`` per optimizer step
     (or, given several, for any of them: benchmarks that may spend the budget on a larger batch). Micro-batches
     divide the rows; ``accumulate`` False allows only the rows themselves (layer-wise optimizers step inside the
-    backward; CUDA graphs forced on cannot accumulate). ``keep_pays`` False keeps checkpointing every layer."""
+    backward; CUDA graphs forced on cannot accumulate). Layers keep their activations only where the probe
+    measured what that costs (``keeping_pays``)."""
     limit = budget_gb * 2**30 * MARGIN
     options = [rows] if isinstance(rows, int) else list(rows)
+    keeps = range(probe.layers + 1) if probe.kept is not None else [0]
     fits = [(rate(m, n // m, k, probe.layers, seq_len), -n // m, m, n // m, k)
             for n in options for m in range(n, 0, -1) if n % m == 0 and (accumulate or m == n)
-            for k in (range(probe.layers + 1) if keep_pays else [0]) if probe.peak(m, k) <= limit]
+            for k in keeps if probe.peak(m, k) <= limit]
     if fits:
         _, _, micro, accum, keep = max(fits)
         return MemoryPlan(budget_gb, micro, accum, keep, round(probe.peak(micro, keep) / 2**30, 3))
@@ -98,7 +105,7 @@ def check(budget_gb: float, cuda: bool) -> None:
 
 def measure(model, spec, seq_len: int, vocab_size: int) -> Probe:
     """Peak memory of eager steps of ``model`` (not compiled yet: compiled layers, which fuse, take no more): one and
-    two rows with every layer checkpointed, one row with none.
+    two rows with every layer checkpointed and, where keeping layers pays, one row with none.
 
     Gradients are dropped as they arrive (as a layer-wise optimizer consumes them) and counted as static memory
     where the optimizer holds them. Optimizer state is counted from the shapes: layer-wise GaLore's exactly
@@ -140,10 +147,12 @@ def measure(model, spec, seq_len: int, vocab_size: int) -> Probe:
 
     try:
         static = torch.cuda.memory_allocated() + held
-        one, two = step(1), step(2)
-        for layer in layers:
-            layer.gradient_checkpointing = False
-        probe = Probe(static, one, two, kept=max(0, step(1) - one), layers=len(layers))
+        one, two, kept = step(1), step(2), None
+        if keeping_pays(spec):
+            for layer in layers:
+                layer.gradient_checkpointing = False
+            kept = max(0, step(1) - one)
+        probe = Probe(static, one, two, kept, len(layers))
     finally:
         for h in hooks:
             h.remove()

@@ -83,7 +83,7 @@ def prepare_model(spec: MethodSpec, params: Params, base_dir: Path,
         card_gb = torch.cuda.mem_get_info()[1] / 2**30  # a budget above the card is the card
         plan = budget.choose(probe, min(t.memory_budget_gb, card_gb), rows=t.batch_size // t.world * t.grad_accum,
                              accumulate=not spec.layerwise and t.cuda_graphs != "on",  # see graphs below
-                             keep_pays=not spec.layerwise, seq_len=t.max_seq_len)
+                             seq_len=t.max_seq_len)
         keep, accum = plan.keep_activations, plan.grad_accum
     if (t.gradient_checkpointing or planned) and not t.fsdp:  # FSDP checkpoints with its own wrapper
         enable_checkpointing(model, keep)

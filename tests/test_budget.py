@@ -1,6 +1,9 @@
 """Memory-budget mode: the plan chosen from a measured probe (the measurement itself needs CUDA: benchmarks/speed.py
 --budgets and train_methods.py --memory-budget-gb check predicted against measured peaks on the GPU)."""
 
+import dataclasses
+from types import SimpleNamespace
+
 import pytest
 
 from ftstudy import budget
@@ -14,7 +17,8 @@ PROBE = budget.Probe(static=2 * GB, one_row=1 * GB, two_rows=int(1.5 * GB), kept
 
 
 def choose(budget_gb, rows=8, accumulate=True, keep_pays=False):
-    return budget.choose(PROBE, budget_gb=budget_gb, rows=rows, accumulate=accumulate, keep_pays=keep_pays, seq_len=512)
+    probe = PROBE if keep_pays else dataclasses.replace(PROBE, kept=None)  # as budget.measure leaves it
+    return budget.choose(probe, budget_gb=budget_gb, rows=rows, accumulate=accumulate, seq_len=512)
 
 
 def test_the_prediction_is_linear_in_the_rows():
@@ -39,6 +43,7 @@ def test_memory_left_after_the_rows_keeps_layers_uncheckpointed_where_keeping_pa
     plan = choose(10.5 / budget.MARGIN, keep_pays=True)  # 8 rows and 2 kept layers (10.5 GB) beat 4 rows twice, all kept
     assert (plan.micro_batch, plan.grad_accum, plan.keep_activations) == (8, 1, 2)
     assert choose(10.5 / budget.MARGIN, keep_pays=False).keep_activations == 0  # layer-wise GaLore: never
+    assert not budget.keeping_pays(SimpleNamespace(layerwise=True)) and budget.keeping_pays(SimpleNamespace(layerwise=False))
 
 
 def test_given_several_batch_sizes_the_plan_takes_the_fastest_that_fits():
