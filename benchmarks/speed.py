@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -445,9 +446,10 @@ def main(argv=None) -> list[dict]:
                            memory_ratio=round(ours["peak_allocated_gb"] / base["peak_allocated_gb"], 3))
             p = bench_params("project", cuda)
             lora = {"qlora": p.train_qlora, "lora_wide": p.train_lora_wide}.get(method)
-            flops = flops_per_token(arch, args.seq_len, 1 - args.prompt_frac, full=lora is None,
-                                    lora_r=lora.lora_r if lora else 0,
-                                    lora_modules=tuple(lora.target_modules) if lora else ())
+            method_flops = functools.partial(flops_per_token, arch, args.seq_len, 1 - args.prompt_frac,
+                                             full=lora is None, lora_r=lora.lora_r if lora else 0,
+                                             lora_modules=tuple(lora.target_modules) if lora else ())
+            flops = method_flops()  # every layer recomputed, as in the baseline
             rec.update(model_flops_per_token=round(flops), mfu=mfu(ours["tokens_per_s"], flops, rec["device"]),
                        baseline_mfu=mfu(base["tokens_per_s"], flops, rec["device"]))
             rec["budgets"] = []
@@ -458,10 +460,7 @@ def main(argv=None) -> list[dict]:
                     rec["budgets"].append({"fraction": fraction, "error": str(err)})
                     continue
                 plan = b["plan"]
-                b_flops = flops_per_token(arch, args.seq_len, 1 - args.prompt_frac, full=lora is None,
-                                          lora_r=lora.lora_r if lora else 0,
-                                          lora_modules=tuple(lora.target_modules) if lora else (),
-                                          recompute=1 - plan["keep_activations"] / arch["num_hidden_layers"])
+                b_flops = method_flops(recompute=1 - plan["keep_activations"] / arch["num_hidden_layers"])
                 rec["budgets"].append({
                     "fraction": fraction, "budget_gb": plan["budget_gb"], "rows": plan["micro_batch"],
                     "keep_activations": plan["keep_activations"],
