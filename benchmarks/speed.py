@@ -108,6 +108,23 @@ def flops_per_token(arch: dict, seq_len: int, labelled: float, *, full: bool, lo
     return layers * layer + head
 
 
+STACK = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "galore-torch", "trl", "unsloth", "unsloth_zoo")
+
+
+def stack() -> dict[str, str]:
+    """The installed versions the numbers depend on (those present), read from the package metadata without
+    importing them (Unsloth patches transformers on import)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in STACK:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
 def mfu(tokens_per_s: float, flops: float, device: str) -> float | None:
     peak = next((v for k, v in PEAK_BF16.items() if k in device), None)
     return round(tokens_per_s * flops / peak, 4) if peak else None
@@ -436,7 +453,8 @@ def main(argv=None) -> list[dict]:
                    "baseline_loss": base["loss"], "loss": ours["loss"],
                    "baseline_losses": base["losses"], "losses": ours["losses"],
                    "baseline_optimizer": base["optimizer"], "optimizer": ours["optimizer"], "levers": ours["levers"],
-                   "baseline_first_step_s": base["first_step_s"], "first_step_s": ours["first_step_s"]}
+                   "baseline_first_step_s": base["first_step_s"], "first_step_s": ours["first_step_s"],
+                   "stack": stack()}
             if cuda:
                 rec.update(baseline_peak_allocated_gb=base["peak_allocated_gb"],
                            peak_allocated_gb=ours["peak_allocated_gb"],

@@ -25,6 +25,8 @@ def test_tiny_benchmark_losses_agree_with_the_baseline(tmp_path):
         # TRL's fused LM head in place of the project's: the same loss, so the A/B compares speed alone.
         assert r["trl_losses"] == pytest.approx(r["losses"], rel=1e-4)
         assert r["tokens_per_s"] > 0 and r["baseline_tokens_per_s"] > 0
+        # Numbers are only comparable within one software stack: each record names its versions.
+        assert r["stack"]["torch"] == speed.torch.__version__ and "transformers" in r["stack"]
 
 
 def test_tiny_generation_benchmark_runs_the_evaluate_path(tmp_path):
