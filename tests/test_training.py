@@ -635,3 +635,56 @@ def test_a_sweep_rates_process_ends_when_the_stage_process_is_killed(tmp_path):
     for p in alive:
         p.kill()
     assert not alive, "the rate's process outlived its stage"
+
+
+def test_the_trainers_per_step_bookkeeping_is_cheap_and_the_same(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """CompletionTrainer's FLOP count, clipping, train() and zero_grad() give what the Trainer's own give, over
+    the weights that train only: the Trainer's versions walk every module or parameter at every step."""
+    from transformers import Trainer, TrainingArguments
+
+    from ftstudy.prepare import prepare_model
+    from ftstudy.trainer import completion_trainer_class, trained_weights
+
+    params = _tiny_params(tiny_model_dir, 1)
+    params = dataclasses.replace(params, train_lora_wide=dataclasses.replace(params.train_lora_wide, lora_dropout=0.5))
+    model, _, _ = prepare_model(method_spec(params, "lora_wide"), params, tiny_model_dir, tiny_model_dir.parent)
+    args = TrainingArguments(output_dir=str(tmp_path), max_grad_norm=0.01, report_to="none", use_cpu=True)
+    trainer = completion_trainer_class()(model=model, args=args)
+    batch = _batch(tiny_tokenizer, _records(4))
+    assert trainer.floating_point_ops(batch) == Trainer.floating_point_ops(trainer, batch) > 0
+    assert trainer.floating_point_ops(batch) == Trainer.floating_point_ops(trainer, batch)  # counted once, still equal
+
+    def loss_and_grads():
+        model.zero_grad()
+        completion_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).backward()
+
+    # A fresh PEFT wrapper trains around a model loaded in eval mode: the first step must still switch every module
+    # (dropout on; transformers checkpoints a layer only while it trains).
+    model.base_model.model.eval()
+    assert model.training and not all(m.training for m in model.modules())
+    trainer.training_step(model, {**batch, "num_tokens": 1})  # installs the quick bookkeeping, as the loop's first step
+    assert all(m.training for m in model.modules())
+    weights = trained_weights(model)
+    assert weights and all(p.requires_grad for p in weights)
+    assert len(weights) == sum(p.requires_grad for p in model.parameters()) < len(list(model.parameters()))
+    torch.manual_seed(0)
+    loss_and_grads()
+    ours = trainer._clip_grad_norm(model)
+    clipped = [p.grad.clone() for p in weights]
+    torch.manual_seed(0)
+    loss_and_grads()
+    theirs = Trainer._clip_grad_norm(trainer, model)
+    assert float(ours) == pytest.approx(float(theirs)) and float(ours) > args.max_grad_norm  # it did clip
+    assert all(torch.equal(a, p.grad) for a, p in zip(clipped, weights, strict=True))
+
+    model.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    # eval() turns dropout off everywhere, train() back on everywhere: the same modes as the Trainer's own calls.
+    model.eval()
+    assert not any(m.training for m in model.modules())
+    assert model.train() is model and all(m.training for m in model.modules())
+    model.train()
+    assert all(m.training for m in model.modules())
+    next(model.base_model.model.model.layers.modules()).eval()  # one submodule switched alone is switched back
+    model.train()
+    assert all(m.training for m in model.modules())
