@@ -37,7 +37,7 @@ def per_call_ms(f, n: int = 40) -> float:
 
 
 def main() -> None:
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, TrainingArguments
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="host_bookkeeping_"))
@@ -53,26 +53,30 @@ def main() -> None:
     print(f"{'method':10} {'modules':>8} {'params':>7} {'Trainer ms/step':>16} {'ours ms/step':>13} {'ratio':>7}")
     for method in ("qlora", "lora_wide"):
         model, _, _ = prepare_model(method_spec(p, method), p, work / "base", work)
-        trainer = completion_trainer_class()(model=model, args=args)
+        modules, weights = sum(1 for _ in model.modules()), sum(1 for _ in model.parameters())
+        before, after = compare(model, completion_trainer_class()(model=model, args=args), batch)
+        print(f"{method:10} {modules:>8} {weights:>7} {before:>16.2f} {after:>13.2f} {before / after:>6.0f}x")
 
-        def theirs():
-            Trainer.floating_point_ops(trainer, batch)
-            type(model).train(model)
-            type(model).zero_grad(model)
-            Trainer._clip_grad_norm(trainer, model)
 
-        def ours():
-            trainer.floating_point_ops(batch)
-            model.train()
-            model.zero_grad()
-            trainer._clip_grad_norm(model)
+def compare(model, trainer, batch: dict) -> tuple[float, float]:
+    """ms per step of the Trainer's bookkeeping, then of ours, on ``model``."""
+    from transformers import Trainer
 
-        before = per_call_ms(theirs)
-        quick_bookkeeping(model)
-        after = per_call_ms(ours)
-        print(f"{method:10} {sum(1 for _ in model.modules()):>8} {sum(1 for _ in model.parameters()):>7} "
-              f"{before:>16.2f} {after:>13.2f} {before / after:>6.0f}x")
+    def theirs():
+        Trainer.floating_point_ops(trainer, batch)
+        type(model).train(model)
+        type(model).zero_grad(model)
+        Trainer._clip_grad_norm(trainer, model)
 
+    def ours():
+        trainer.floating_point_ops(batch)
+        model.train()
+        model.zero_grad()
+        trainer._clip_grad_norm(model)
+
+    before = per_call_ms(theirs)
+    quick_bookkeeping(model)
+    return before, per_call_ms(ours)
 
 if __name__ == "__main__":
     main()
