@@ -26,26 +26,33 @@ from ftstudy.arch import GEMMA3_1B  # noqa: E402
 
 
 def build(method: str, variant: str, liger: bool, compiled: bool, base_dir: Path, graphs: bool = False,
-          ckpt: str = "inside", keep: int = 0):
+          ckpt: str = "inside", keep: int = 0, probe_rows: int = 0, seq_len: int = 512):
     """One variant of benchmarks/speed.py, with the project's levers switched one by one.
 
     ckpt: "inside" (the training path: recomputation traced into the compiled layers), "outside" (transformers'
-    checkpoint around each compiled layer, as before), "off" (no recomputation).
+    checkpoint around each compiled layer, as before), "off" (no recomputation). probe_rows: also the peak that
+    ftstudy.budget's memory model (its eager probe, before compiling, as the training stages run it) predicts for
+    that many rows and ``keep`` kept layers, in GiB (None: not probed).
     """
-    from ftstudy import fastpath
+    from ftstudy import budget, fastpath
+    from ftstudy.methods import method_spec
     from ftstudy.models import causal_lm
 
     params = bench_params(variant, True, keep)
     params = dataclasses.replace(params, train=dataclasses.replace(
         params.train, kernels="on" if liger else "off", compile="off", gradient_checkpointing=ckpt != "off"))
     model, opt, _, _ = build_variant(method, variant, base_dir, True, params)
+    predicted = None
+    if probe_rows:
+        probe = budget.measure(model, method_spec(params, method), seq_len, causal_lm(model).config.vocab_size)
+        predicted = round(probe.peak(probe_rows, keep) / 2**30, 3)
     if compiled:
         if ckpt == "outside":
             for layer in causal_lm(model).model.layers:
                 layer.compile(mode="reduce-overhead" if graphs else None)
         else:
             fastpath.compile_layers(model, graphs)
-    return model, opt
+    return model, opt, predicted
 
 
 KINDS = (("matmul", ("gemm", "cutlass", "nvjet", "sm90_", "sm80_", "cublas", "mm_")),
@@ -74,17 +81,23 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--base", type=Path, help="random-weight model directory to reuse (built there if missing)")
+    p.add_argument("--probe", action="store_true", help="print ftstudy.budget's predicted peak for --batch and --keep "
+                   "beside the measured ones (the whole run's, warm-up and CUDA-graph recording included, and the "
+                   "timed steps')")
     a = p.parse_args()
     batches = make_batches(a.warmup + a.steps, a.batch, a.seq_len, GEMMA3_1B["vocab_size"], 0.5)
     base_dir = a.base or Path(tempfile.mkdtemp()) / "base"
     if not (base_dir / "config.json").exists():
         build_base(GEMMA3_1B, base_dir, True)
     a.compile = a.compile or a.cuda_graphs
-    model, opt = build(a.method, a.variant, a.liger, a.compile, base_dir, a.cuda_graphs, a.ckpt, a.keep)
-    times, losses = [], []
+    model, opt, predicted = build(a.method, a.variant, a.liger, a.compile, base_dir, a.cuda_graphs, a.ckpt, a.keep,
+                                  a.batch if a.probe else 0, a.seq_len)
+    times, losses, whole_run_peak = [], [], 0
+    torch.cuda.reset_peak_memory_stats()
     t_compile = time.perf_counter()
     for step, b in enumerate(batches):
         if step == a.warmup:
+            whole_run_peak = torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         b = {k: v.cuda() for k, v in b.items()}
         torch.cuda.synchronize()
@@ -103,7 +116,9 @@ def main() -> None:
            "cuda_graphs": a.cuda_graphs, "keep": a.keep, "batch": a.batch,
            "step_s": round(med, 4), "tokens_per_s": round(a.batch * a.seq_len / med), "first_step_s": round(first, 1),
            "peak_alloc_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-           "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2), "losses": losses}
+           "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2), "losses": losses,
+           "whole_run_peak_alloc_gb": round(max(whole_run_peak, torch.cuda.max_memory_allocated()) / 2**30, 3),
+           "predicted_peak_gb": predicted}
     print("RESULT " + json.dumps(rec), flush=True)
     if not a.profile:
         return
