@@ -31,8 +31,8 @@ def build(method: str, variant: str, liger: bool, compiled: bool, base_dir: Path
 
     ckpt: "inside" (the training path: recomputation traced into the compiled layers), "outside" (transformers'
     checkpoint around each compiled layer, as before), "off" (no recomputation). probe_rows: also the peak that
-    ftstudy.budget's memory model (its eager probe, before compiling, as the training stages run it) predicts for
-    that many rows and ``keep`` kept layers, in GiB (None: not probed).
+    ftstudy.budget's memory model predicts for that many rows and ``keep`` kept layers, in GiB, from its eager
+    probe and from its probe of compiled layers (None: not probed).
     """
     from ftstudy import budget, fastpath
     from ftstudy.methods import method_spec
@@ -43,9 +43,10 @@ def build(method: str, variant: str, liger: bool, compiled: bool, base_dir: Path
         params.train, kernels="on" if liger else "off", compile="off", gradient_checkpointing=ckpt != "off"))
     model, opt, _, _ = build_variant(method, variant, base_dir, True, params)
     predicted = None
-    if probe_rows:
-        probe = budget.measure(model, method_spec(params, method), seq_len, causal_lm(model).config.vocab_size)
-        predicted = round(probe.peak(probe_rows, keep) / 2**30, 3)
+    if probe_rows:  # both probes, whichever the training stages would use (ftstudy.budget.plan)
+        spec, vocab = method_spec(params, method), causal_lm(model).config.vocab_size
+        predicted = {kind: round(budget.measure(model, spec, seq_len, vocab, compiled=kind == "compiled")
+                                 .peak(probe_rows, keep) / 2**30, 3) for kind in ("eager", "compiled")}
     if compiled:
         if ckpt == "outside":
             for layer in causal_lm(model).model.layers:

@@ -251,12 +251,12 @@ def train_step(model, opt, batch: dict, variant: str, cuda: bool) -> torch.Tenso
 
 
 def plan_budget(method: str, base_dir: Path, budget_gb: float, rows: list[int], seq_len: int):
-    """The budget's plan: ftstudy.budget's probe of the project's model (uncompiled, as the training stages probe
-    it), then the fastest plan by ftstudy.budget's cost model among the candidate rows per step and layers kept."""
+    """The budget's plan as the training stages make it (ftstudy.budget.plan: the eager probe of the project's
+    model and, where it keeps a faster plan out, a probe of its compiled layers), the fastest by ftstudy.budget's
+    cost model among the candidate rows per step and layers kept."""
     from ftstudy import budget
     from ftstudy.errors import UserError
     from ftstudy.methods import method_spec
-    from ftstudy.models import causal_lm
     from ftstudy.prepare import prepare_model
 
     params = bench_params("project", True, compile="off", kernels="off")
@@ -264,15 +264,14 @@ def plan_budget(method: str, base_dir: Path, budget_gb: float, rows: list[int], 
     model, _, _ = prepare_model(spec, params, base_dir, base_dir.parent)
     if not spec.quantize_4bit:
         model.to("cuda")
-    probe = budget.measure(model, spec, seq_len, causal_lm(model).config.vocab_size)
-    print(f"probe {method}: " + json.dumps(dataclasses.asdict(probe)), file=sys.stderr, flush=True)
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
     try:
-        return budget.choose(probe, budget_gb, rows, accumulate=False, seq_len=seq_len)
+        return budget.plan(model, spec, budget_gb, rows, accumulate=False, seq_len=seq_len, compiled=True)
     except UserError:
         raise SystemExit(f"{method}: no candidate of --budget-rows fits {budget_gb:.2f} GB") from None
+    finally:
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def start_trace(cuda: bool):
@@ -433,9 +432,10 @@ def main(argv=None) -> list[dict]:
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("WORKER ")]
             if proc.returncode or not lines:
                 sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-                raise SystemExit(f"{method}/{variant} failed (exit {proc.returncode})")
+                said = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+                raise SystemExit(f"{method}/{variant} failed: {said[0]}")
             for line in proc.stderr.splitlines():
-                if line.startswith("probe "):
+                if line.startswith("memory budget "):
                     print(line, flush=True)  # the budget's measured memory model, beside the table
             return json.loads(lines[-1][len("WORKER "):])
 
@@ -482,7 +482,8 @@ def main(argv=None) -> list[dict]:
                 rec["budgets"].append({
                     "fraction": fraction, "budget_gb": plan["budget_gb"], "rows": plan["micro_batch"],
                     "keep_activations": plan["keep_activations"],
-                    "predicted_peak_gb": plan["predicted_peak_gb"], "peak_allocated_gb": b["peak_allocated_gb"],
+                    "predicted_peak_gb": plan["predicted_peak_gb"], "probe": plan["probe"],
+                    "peak_allocated_gb": b["peak_allocated_gb"],
                     "within_budget": b["peak_allocated_gb"] <= plan["budget_gb"],
                     "memory_ratio": round(b["peak_allocated_gb"] / base["peak_allocated_gb"], 3),
                     "tokens_per_s": b["tokens_per_s"], "speedup": round(b["tokens_per_s"] / base["tokens_per_s"], 3),
@@ -517,7 +518,7 @@ def main(argv=None) -> list[dict]:
               f"{r.get('memory_ratio', float('nan')):>9.2f} {r['baseline_loss']:>10.4f} {r['loss']:>10.4f} "
               f"{r['mfu'] if r['mfu'] is not None else '-':>6}")
     if any(r["budgets"] for r in records):
-        print(f"\n{'method':10} {'budget':>7} {'GB':>6} {'rows':>5} {'kept':>5} {'pred GB':>8} {'peak GB':>8} "
+        print(f"\n{'method':10} {'budget':>7} {'GB':>6} {'rows':>5} {'kept':>5} {'pred GB':>8} {'probe':>8} {'peak GB':>8} "
               f"{'mem ratio':>9} {'tok/s':>8} {'speedup':>8} {'MFU':>6}")
         for r in records:
             for b in r["budgets"]:
@@ -525,7 +526,7 @@ def main(argv=None) -> list[dict]:
                     print(f"{r['method']:10} {b['fraction']:>6.2f}x  {b['error']}")
                     continue
                 print(f"{r['method']:10} {b['fraction']:>6.2f}x {b['budget_gb']:>6.1f} {b['rows']:>5} {b['keep_activations']:>5} "
-                      f"{b['predicted_peak_gb']:>8.2f} {b['peak_allocated_gb']:>8.2f} "
+                      f"{b['predicted_peak_gb']:>8.2f} {b.get('probe', 'eager'):>8} {b['peak_allocated_gb']:>8.2f} "
                       f"{b['memory_ratio']:>9.2f} {b['tokens_per_s']:>8.0f} {b['speedup']:>8.2f} {b['mfu']!s:>6}")
     if any(r["unsloth"] for r in records):
         print(f"\n{'method':10} {'variant':25} {'tok/s':>8} {'vs plain':>8} {'ours/it':>8} {'peak GB':>8} "

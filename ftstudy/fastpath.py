@@ -18,6 +18,7 @@ GaLore's optimizer levers (its 8-bit step in place, the batched layer-wise optim
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from types import MethodType
@@ -63,6 +64,17 @@ def apply_kernels(model) -> bool:
     return True
 
 
+# Two wrong backward kernels from inductor on an H200 (torch 2.11), both for static shapes only, with the loss
+# right (benchmarks/compiled_grads.py finds them; docs/gpu-speed.md has the sweeps):
+# - loop reordering after fusion (on by default): query-projection gradients 10^4-10^5 times too large in every
+#   layer at batch width 128; LoRA hid it, full-parameter GaLore diverged;
+# - 2-D tiled kernels: with LoRA adapters (QLoRA and wide LoRA) NaN adapter gradients at width 512, from the
+#   first call (CUDA graphs: every call). One tile dimension per kernel clears it; loop reordering, split or
+#   persistent reductions do not. With both settings every weight's gradient matches the uncompiled model's
+#   (the bf16 model's at widths 128 and 256, QLoRA's adapter at 128 and 512, with and without CUDA graphs).
+INDUCTOR = {"loop_ordering_after_fusion": False, "triton.max_tiles": 1}
+
+
 def compile_layers(model, cuda_graphs: bool = False, shapes: int = 8) -> None:
     """torch.compile each decoder layer; with ``cuda_graphs`` each compiled graph is replayed as one CUDA graph.
 
@@ -79,15 +91,7 @@ def compile_layers(model, cuda_graphs: bool = False, shapes: int = 8) -> None:
         # per-layer graphs that gains no overlap and its split backward failed on 2 H200s (a tangent of the
         # wrong rank with wide LoRA). DDP then reduces each layer's gradients after its compiled backward.
         torch._dynamo.config.optimize_ddp = False
-    # Two wrong backward kernels from inductor on an H200 (torch 2.11), both for static shapes only, with the loss
-    # right (benchmarks/compiled_grads.py finds them; docs/gpu-speed.md has the sweeps):
-    # - loop reordering after fusion (on by default): query-projection gradients 10^4-10^5 times too large in every
-    #   layer at batch width 128; LoRA hid it, full-parameter GaLore diverged;
-    # - 2-D tiled kernels: with LoRA adapters (QLoRA and wide LoRA) NaN adapter gradients at width 512, from the
-    #   first call (CUDA graphs: every call). One tile dimension per kernel clears it; loop reordering, split or
-    #   persistent reductions do not. With both settings every weight's gradient matches the uncompiled model's
-    #   (the bf16 model's at widths 128 and 256, QLoRA's adapter at 128 and 512, with and without CUDA graphs).
-    inductor = {"loop_ordering_after_fusion": False, "triton.max_tiles": 1}
+    inductor = dict(INDUCTOR)
     options = {"options": inductor}
     if cuda_graphs:
         inductor["triton.cudagraphs"] = True  # mode="reduce-overhead"; torch.compile takes a mode or options, not both
@@ -101,6 +105,35 @@ def compile_layers(model, cuda_graphs: bool = False, shapes: int = 8) -> None:
         if getattr(layer, "gradient_checkpointing", False):
             recompute_inside(layer)
         layer.compile(**options)
+
+
+@contextlib.contextmanager
+def compiled_for_probe(model, checkpointed: bool):
+    """The decoder layers compiled as :func:`compile_layers` compiles them, every one checkpointed or none, undone
+    on leaving: for ftstudy.budget's probe of what compiled layers keep, which is less than eager ones (inductor
+    saves fewer intermediates). Without CUDA graphs, whose memory pool would outlive the probe, and with static
+    shapes, as CUDA graphs train. Leaving resets the compiler: the probe's entries would count against the
+    training shapes' recompile limit. The attention and 4-bit linears stay as compile_layers leaves them."""
+    use_grouped_attention(model)
+    layers = causal_lm(model).model.layers
+    saved = [(layer.__dict__.get("forward"), getattr(layer, "gradient_checkpointing", False)) for layer in layers]
+    try:
+        for layer in layers:
+            trace_4bit_linears(layer)
+            if checkpointed:
+                recompute_inside(layer)
+            else:
+                layer.gradient_checkpointing = False
+            layer.compile(dynamic=False, options=dict(INDUCTOR))
+        yield
+    finally:
+        for layer, (forward, flag) in zip(layers, saved, strict=True):
+            layer._compiled_call_impl = None
+            layer.__dict__.pop("forward", None)
+            if forward is not None:
+                layer.forward = forward
+            layer.gradient_checkpointing = flag
+        torch._dynamo.reset()
 
 
 GROUPED_ATTENTION = "ftstudy_grouped"

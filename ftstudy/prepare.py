@@ -75,24 +75,23 @@ def prepare_model(spec: MethodSpec, params: Params, base_dir: Path,
     planned = t.memory_budget_gb > 0
     model = attach_adapter(model, spec, t.gradient_checkpointing or planned)
     plan, keep, accum = None, t.keep_activations, t.grad_accum
+    # Compiled layers under FSDP2 with its checkpointing crashed in cuDNN attention's backward on 2 H200s.
+    compile = "off" if t.fsdp and t.compile == "auto" else t.compile
+    cuda = torch.cuda.is_available()
     if planned:  # measured before compiling
         enable_checkpointing(model, 0)
         if not spec.quantize_4bit:
             model.to("cuda")
-        probe = budget.measure(model, spec, t.max_seq_len, causal_lm(model).config.vocab_size)
         card_gb = torch.cuda.mem_get_info()[1] / 2**30  # a budget above the card is the card
-        plan = budget.choose(probe, min(t.memory_budget_gb, card_gb), rows=t.batch_size // t.world * t.grad_accum,
-                             accumulate=not spec.layerwise and t.cuda_graphs != "on",  # see graphs below
-                             seq_len=t.max_seq_len)
+        plan = budget.plan(model, spec, min(t.memory_budget_gb, card_gb), rows=t.batch_size // t.world * t.grad_accum,
+                           accumulate=not spec.layerwise and t.cuda_graphs != "on",  # see graphs below
+                           seq_len=t.max_seq_len, compiled=fastpath.wanted(compile, cuda))
         keep, accum = plan.keep_activations, plan.grad_accum
     if (t.gradient_checkpointing or planned) and not t.fsdp:  # FSDP checkpoints with its own wrapper
         enable_checkpointing(model, keep)
-    # Compiled layers under FSDP2 with its checkpointing crashed in cuDNN attention's backward on 2 H200s.
-    compile = "off" if t.fsdp and t.compile == "auto" else t.compile
     # Gradients accumulated over micro-steps would live in CUDA-graph memory that the next replay overwrites
     # (cudagraph trees refuse: "accessing tensor output of CUDAGraphs that has been overwritten").
     graphs = "off" if accum > 1 and t.cuda_graphs == "auto" else t.cuda_graphs
-    cuda = torch.cuda.is_available()
     levers = fastpath.speed_up(model, kernels=t.kernels, compile=compile, cuda=cuda, cuda_graphs=graphs,
                                shapes=t.batch_size)
     if spec.eight_bit and cuda:  # galore.adamw_8bit_class's step, and the batched layer-wise update

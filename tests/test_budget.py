@@ -59,6 +59,41 @@ def test_a_budget_nothing_fits_names_the_fix_and_layerwise_never_accumulates():
         choose(1)
 
 
+def _plan(monkeypatch, budget_gb, compiled, rows=8):
+    """budget.plan with its probes stood in for (measuring needs CUDA): the eager probe is PROBE, compiled layers keep
+    half as much per row and a quarter as much per kept layer. Returns the plan and the probes taken."""
+    taken = []
+
+    def measure(model, spec, seq_len, vocab_size, compiled=False):
+        taken.append("compiled" if compiled else "eager")
+        if not compiled:
+            return PROBE
+        return dataclasses.replace(PROBE, one_row=int(0.75 * GB), two_rows=1 * GB, kept=GB // 4, compiled=True)
+
+    monkeypatch.setattr(budget, "measure", measure)
+    lm = SimpleNamespace(lm_head=None, model=None, config=SimpleNamespace(vocab_size=32))
+    return budget.plan(lm, SimpleNamespace(layerwise=False), budget_gb, rows, True, 512, compiled), taken
+
+
+def test_compiled_layers_are_probed_only_where_the_eager_probe_keeps_a_faster_plan_out(monkeypatch):
+    plan, taken = _plan(monkeypatch, 100, compiled=True)  # everything fits by the eager probe: no compile spent
+    assert taken == ["eager"] and plan.probe == "eager" and budget.shape(plan) == (8, 1, 4)
+    plan, taken = _plan(monkeypatch, 10.5 / budget.MARGIN, compiled=True)  # eager: 8 rows, 2 kept layers
+    assert taken == ["eager", "compiled"] and plan.probe == "compiled"
+    assert budget.shape(plan) == (8, 1, 4) and plan.predicted_peak_gb == 6.5  # 2 + 0.5 + 8 x (0.25 + 0.25)
+    plan, taken = _plan(monkeypatch, 10.5 / budget.MARGIN, compiled=False)  # layers left eager: the eager probe's plan
+    assert taken == ["eager"] and budget.shape(plan) == (8, 1, 2)
+
+
+def test_a_budget_only_compiled_layers_fit_gets_their_plan_and_one_nothing_fits_names_the_fix(monkeypatch):
+    with pytest.raises(UserError, match="train.memory_budget_gb=2.9 is below"):
+        _plan(monkeypatch, 2.9, compiled=False)  # one eager row: 3 GB
+    plan, taken = _plan(monkeypatch, 2.9, compiled=True)  # one compiled row: 2 + 0.5 + 0.25 GB
+    assert taken == ["eager", "compiled"] and budget.shape(plan) == (1, 8, 0) and plan.probe == "compiled"
+    with pytest.raises(UserError, match="train.memory_budget_gb=2.5 is below what one optimizer step needs"):
+        _plan(monkeypatch, 2.5, compiled=True)
+
+
 def test_a_budget_without_a_gpu_or_with_fsdp_is_refused_naming_the_fix():
     with pytest.raises(UserError, match="without a GPU set train.memory_budget_gb: 0"):
         budget.check(12.0, cuda=False)

@@ -184,3 +184,31 @@ def test_grouped_attention_is_eager_attention():
     want, want_w = eager_attention_forward(module, q, k, v, mask, scaling=0.25)
     got, got_w = fastpath.grouped_attention(module, q, k, v, mask, scaling=0.25)
     assert torch.allclose(got, want, atol=1e-6) and torch.allclose(got_w, want_w, atol=1e-6)
+
+
+def test_the_budget_probe_compiles_the_layers_as_training_would_and_leaves_them_as_they_were(tiny_model_dir,
+                                                                                           tiny_tokenizer):
+    """ftstudy.budget measures compiled layers inside fastpath.compiled_for_probe: checkpointed there, they learn
+    what the eager model learns and keep far less than without checkpointing; afterwards the model is the eager,
+    checkpointed one it was (nothing compiled, flags back), ready for compile_layers to compile for training."""
+    batch = _batch(tiny_tokenizer)
+    p = _params("lora_wide", compile="off", gradient_checkpointing=True)
+    model, _, _ = prepare_model(method_spec(p, "lora_wide"), p, tiny_model_dir, tiny_model_dir.parent)
+    model.train()
+    layers = causal_lm(model).model.layers
+    loss, grads, _ = _loss_grads_saved(model, batch)
+    runs = {}
+    for checkpointed in (True, False):
+        model.zero_grad(set_to_none=True)
+        with fastpath.compiled_for_probe(model, checkpointed):
+            assert all(layer._compiled_call_impl is not None for layer in layers)
+            runs[checkpointed] = _loss_grads_saved(model, batch)
+        assert all(layer._compiled_call_impl is None and "forward" not in layer.__dict__ for layer in layers)
+        assert all(layer.gradient_checkpointing for layer in layers)
+    assert runs[True][0] == pytest.approx(loss, rel=1e-5)
+    for n, g in grads.items():
+        assert torch.allclose(runs[True][1][n], g, atol=1e-6, rtol=1e-4), n
+    assert runs[True][2] < 0.5 * runs[False][2]
+    model.zero_grad(set_to_none=True)
+    again = _loss_grads_saved(model, batch)
+    assert again[0] == pytest.approx(loss, rel=1e-6) and again[2] < runs[False][2]
