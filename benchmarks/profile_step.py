@@ -45,8 +45,9 @@ def build(method: str, variant: str, liger: bool, compiled: bool, base_dir: Path
     predicted = None
     if probe_rows:  # both probes, whichever the training stages would use (ftstudy.budget.plan)
         spec, vocab = method_spec(params, method), causal_lm(model).config.vocab_size
-        predicted = {kind: round(budget.measure(model, spec, seq_len, vocab, compiled=kind == "compiled")
-                                 .peak(probe_rows, keep) / 2**30, 3) for kind in ("eager", "compiled")}
+        kinds = {"eager": {}, "compiled": {"compiled": True, "cuda_graphs": graphs}}
+        predicted = {kind: round(budget.measure(model, spec, seq_len, vocab, **how).peak(probe_rows, keep) / 2**30, 3)
+                     for kind, how in kinds.items()}
     if compiled:
         if ckpt == "outside":
             for layer in causal_lm(model).model.layers:

@@ -48,6 +48,7 @@ class Probe:
     kept: int | None = None  # what one row adds with no layer checkpointed; None: keeping layers does not pay
     layers: int = 1
     compiled: bool = False  # measured on compiled layers (else eager ones)
+    cuda_graphs: bool = False  # replayed as CUDA graphs
 
     def peak(self, rows: int, keep: int = 0) -> float:
         per_row = self.two_rows - self.one_row  # activations that grow with the rows
@@ -62,7 +63,7 @@ class MemoryPlan:
     grad_accum: int
     keep_activations: int
     predicted_peak_gb: float
-    probe: str = "eager"  # what the prediction was measured on: "eager" or "compiled" layers
+    probe: str = "eager"  # what the prediction was measured on: "eager", "compiled" or "compiled+graphs" layers
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -118,10 +119,11 @@ def check(budget_gb: float, cuda: bool) -> None:
                         "without a GPU set train.memory_budget_gb: 0 (and gradient_checkpointing as you want it)")
 
 
-def measure(model, spec, seq_len: int, vocab_size: int, compiled: bool = False) -> Probe:
+def measure(model, spec, seq_len: int, vocab_size: int, compiled: bool = False, cuda_graphs: bool = False) -> Probe:
     """Peak memory of steps of ``model``, eager or with its layers ``compiled`` (:func:`ftstudy.fastpath.compiled_for_probe`;
-    compiled layers, which fuse, keep less): one and two rows with every layer checkpointed and, where keeping layers
-    pays, one row with none.
+    compiled layers, which fuse, keep less), replayed as ``cuda_graphs`` or not: one and two rows with every layer
+    checkpointed and, where keeping layers pays, one row with none. A compiled shape's peak is the highest of its
+    first three steps (compiling, CUDA graphs' warm-up and recording, a replay), as a training run goes through them.
 
     Gradients are dropped as they arrive (as a layer-wise optimizer consumes them) and counted as static memory
     where the optimizer holds them. Optimizer state is counted from the shapes: layer-wise GaLore's exactly
@@ -154,6 +156,7 @@ def measure(model, spec, seq_len: int, vocab_size: int, compiled: bool = False) 
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+        torch.compiler.cudagraph_mark_step_begin()  # as the Trainer does (a no-op without CUDA graphs)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = completion_loss(model, ids, torch.ones_like(ids), labels)
         loss.backward()
@@ -165,14 +168,14 @@ def measure(model, spec, seq_len: int, vocab_size: int, compiled: bool = False) 
             for layer in layers:
                 layer.gradient_checkpointing = checkpointed
             return [step(n) for n in rows]
-        with fastpath.compiled_for_probe(model, checkpointed):
-            return [(step(n), step(n))[1] for n in rows]  # the first call of a shape compiles it
+        with fastpath.compiled_for_probe(model, checkpointed, cuda_graphs):
+            return [max(step(n) for _ in range(3)) for n in rows]
 
     try:
         static = torch.cuda.memory_allocated() + held
         one, two = peaks(True, [1, 2])
         kept = max(0, peaks(False, [1])[0] - one) if keeping_pays(spec) else None
-        probe = Probe(static, one, two, kept, len(layers), compiled)
+        probe = Probe(static, one, two, kept, len(layers), compiled, cuda_graphs)
     finally:
         for h in hooks:
             h.remove()
@@ -184,11 +187,12 @@ def measure(model, spec, seq_len: int, vocab_size: int, compiled: bool = False) 
 
 
 def plan(model, spec, budget_gb: float, rows: int | Sequence[int], accumulate: bool, seq_len: int,
-         compiled: bool) -> MemoryPlan:
+         compiled: bool, cuda_graphs: bool = False) -> MemoryPlan:
     """:func:`choose` on the eager probe of ``model`` (:func:`measure`) and, where that probe is what keeps a faster
-    plan out and the layers will train ``compiled``, on a probe of the compiled layers, which keep less: on an H200
-    QLoRA's 16-row plan peaked at 2.66 GB where the eager probe predicted 4.11, and wide LoRA's 8 rows at 4.19 where
-    it predicted 5.06. Compiling for the probe costs a compile per probed shape, so it runs only where it can pay."""
+    plan out and the layers will train ``compiled`` (replayed as ``cuda_graphs`` or not), on a probe of the layers
+    compiled so, which keep less: on an H200, QLoRA's 16-row plan peaked at 2.66 GB where the eager probe predicted
+    4.11, and wide LoRA's 8 rows at 4.19 where it predicted 5.06. A compiled probe costs a compile per probed
+    shape, so it runs only where it can pay."""
     from ftstudy.models import causal_lm
 
     vocab_size = causal_lm(model).config.vocab_size
@@ -200,9 +204,10 @@ def plan(model, spec, budget_gb: float, rows: int | Sequence[int], accumulate: b
             raise
         chosen = None
     if compiled and (chosen is None or shape(chosen) != shape(fastest(probe, budget_gb, rows, accumulate, seq_len))):
-        probe = measure(model, spec, seq_len, vocab_size, compiled=True)
+        probe = measure(model, spec, seq_len, vocab_size, compiled=True, cuda_graphs=cuda_graphs)
         chosen = choose(probe, budget_gb, rows, accumulate, seq_len)
-    print(f"memory budget {budget_gb:g} GB, {'compiled' if probe.compiled else 'eager'} probe {asdict(probe)}: "
+    print(f"memory budget {budget_gb:g} GB, probe {asdict(probe)}: "
           f"{chosen.micro_batch} rows x {chosen.grad_accum}, {chosen.keep_activations} layers kept, "
           f"{chosen.predicted_peak_gb} GB predicted", file=sys.stderr, flush=True)
-    return dataclasses.replace(chosen, probe="compiled" if probe.compiled else "eager")
+    kind = ("compiled+graphs" if probe.cuda_graphs else "compiled") if probe.compiled else "eager"
+    return dataclasses.replace(chosen, probe=kind)

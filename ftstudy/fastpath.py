@@ -108,15 +108,16 @@ def compile_layers(model, cuda_graphs: bool = False, shapes: int = 8) -> None:
 
 
 @contextlib.contextmanager
-def compiled_for_probe(model, checkpointed: bool):
-    """The decoder layers compiled as :func:`compile_layers` compiles them, every one checkpointed or none, undone
-    on leaving: for ftstudy.budget's probe of what compiled layers keep, which is less than eager ones (inductor
-    saves fewer intermediates). Without CUDA graphs, whose memory pool would outlive the probe, and with static
-    shapes, as CUDA graphs train. Leaving resets the compiler: the probe's entries would count against the
+def compiled_for_probe(model, checkpointed: bool, cuda_graphs: bool = False):
+    """The decoder layers compiled as :func:`compile_layers` compiles them (static shapes; replayed as CUDA graphs
+    with ``cuda_graphs``), every one checkpointed or none, undone on leaving: for ftstudy.budget's probe of what
+    compiled layers keep, which is less than eager ones (inductor saves fewer intermediates). Leaving resets the
+    compiler, CUDA-graph pools included: the probe's shapes would otherwise hold memory and count against the
     training shapes' recompile limit. The attention and 4-bit linears stay as compile_layers leaves them."""
     use_grouped_attention(model)
     layers = causal_lm(model).model.layers
     saved = [(layer.__dict__.get("forward"), getattr(layer, "gradient_checkpointing", False)) for layer in layers]
+    inductor = {**INDUCTOR, "triton.cudagraphs": cuda_graphs}
     try:
         for layer in layers:
             trace_4bit_linears(layer)
@@ -124,7 +125,7 @@ def compiled_for_probe(model, checkpointed: bool):
                 recompute_inside(layer)
             else:
                 layer.gradient_checkpointing = False
-            layer.compile(dynamic=False, options=dict(INDUCTOR))
+            layer.compile(dynamic=False, options=inductor)
         yield
     finally:
         for layer, (forward, flag) in zip(layers, saved, strict=True):

@@ -85,7 +85,8 @@ def prepare_model(spec: MethodSpec, params: Params, base_dir: Path,
         card_gb = torch.cuda.mem_get_info()[1] / 2**30  # a budget above the card is the card
         plan = budget.plan(model, spec, min(t.memory_budget_gb, card_gb), rows=t.batch_size // t.world * t.grad_accum,
                            accumulate=not spec.layerwise and t.cuda_graphs != "on",  # see graphs below
-                           seq_len=t.max_seq_len, compiled=fastpath.wanted(compile, cuda))
+                           seq_len=t.max_seq_len, compiled=fastpath.wanted(compile, cuda),
+                           cuda_graphs=fastpath.wanted(t.cuda_graphs, cuda))  # off again below if it accumulates
         keep, accum = plan.keep_activations, plan.grad_accum
     if (t.gradient_checkpointing or planned) and not t.fsdp:  # FSDP checkpoints with its own wrapper
         enable_checkpointing(model, keep)

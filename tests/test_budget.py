@@ -59,27 +59,28 @@ def test_a_budget_nothing_fits_names_the_fix_and_layerwise_never_accumulates():
         choose(1)
 
 
-def _plan(monkeypatch, budget_gb, compiled, rows=8):
+def _plan(monkeypatch, budget_gb, compiled, rows=8, graphs=False):
     """budget.plan with its probes stood in for (measuring needs CUDA): the eager probe is PROBE, compiled layers keep
     half as much per row and a quarter as much per kept layer. Returns the plan and the probes taken."""
     taken = []
 
-    def measure(model, spec, seq_len, vocab_size, compiled=False):
-        taken.append("compiled" if compiled else "eager")
+    def measure(model, spec, seq_len, vocab_size, compiled=False, cuda_graphs=False):
+        taken.append(("compiled+graphs" if cuda_graphs else "compiled") if compiled else "eager")
         if not compiled:
             return PROBE
-        return dataclasses.replace(PROBE, one_row=int(0.75 * GB), two_rows=1 * GB, kept=GB // 4, compiled=True)
+        return dataclasses.replace(PROBE, one_row=int(0.75 * GB), two_rows=1 * GB, kept=GB // 4, compiled=True,
+                                   cuda_graphs=cuda_graphs)
 
     monkeypatch.setattr(budget, "measure", measure)
     lm = SimpleNamespace(lm_head=None, model=None, config=SimpleNamespace(vocab_size=32))
-    return budget.plan(lm, SimpleNamespace(layerwise=False), budget_gb, rows, True, 512, compiled), taken
+    return budget.plan(lm, SimpleNamespace(layerwise=False), budget_gb, rows, True, 512, compiled, graphs), taken
 
 
 def test_compiled_layers_are_probed_only_where_the_eager_probe_keeps_a_faster_plan_out(monkeypatch):
     plan, taken = _plan(monkeypatch, 100, compiled=True)  # everything fits by the eager probe: no compile spent
     assert taken == ["eager"] and plan.probe == "eager" and budget.shape(plan) == (8, 1, 4)
-    plan, taken = _plan(monkeypatch, 10.5 / budget.MARGIN, compiled=True)  # eager: 8 rows, 2 kept layers
-    assert taken == ["eager", "compiled"] and plan.probe == "compiled"
+    plan, taken = _plan(monkeypatch, 10.5 / budget.MARGIN, compiled=True, graphs=True)  # eager: 8 rows, 2 kept
+    assert taken == ["eager", "compiled+graphs"] and plan.probe == "compiled+graphs"
     assert budget.shape(plan) == (8, 1, 4) and plan.predicted_peak_gb == 6.5  # 2 + 0.5 + 8 x (0.25 + 0.25)
     plan, taken = _plan(monkeypatch, 10.5 / budget.MARGIN, compiled=False)  # layers left eager: the eager probe's plan
     assert taken == ["eager"] and budget.shape(plan) == (8, 1, 2)
