@@ -110,6 +110,8 @@ def test_same_weights_as_transformers_layerwise_galore_on_the_schedule(optim, ti
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     # transformers' own layer-wise optimizers take galore-torch's class by name: the one with its arguments bound
     monkeypatch.setattr(galore_torch, "GaLoreAdamW8bit", galore.adamw_8bit_class())
+    # The tiny model's weights (8-33 kB) projected back a few at a time, as a decoder layer's are on Gemma 3 1B
+    monkeypatch.setattr(galore, "PROJECT_BACK_BYTES", 64 * 2**10)
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(3, 200, (2, 24), generator=g) for _ in range(STEPS)]
 
@@ -355,3 +357,11 @@ def test_held_bytes_predicts_what_the_optimizer_holds_after_its_first_step(eight
     assert predicted == _held(opt)
     full_size_moments = sum(p.numel() for p in net.parameters()) * 2 * (1 if eight_bit else 4)
     assert predicted < full_size_moments / 2
+
+
+def test_updates_are_projected_back_in_groups_of_bounded_size():
+    sizes = [3, 1, 4, 1, 5, 9, 2, 6]
+    members = [(torch.empty(n, dtype=torch.uint8), 0, None) for n in sizes]
+    groups = galore._by_bytes(members, 6)
+    assert [[m[0].numel() for m in g] for g in groups] == [[3, 1], [4, 1], [5], [9], [2], [6]]
+    assert sum(groups, []) == members  # every weight once, in order
