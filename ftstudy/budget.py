@@ -14,7 +14,7 @@ graphs, benchmarks/profile_step.py; docs/gpu-speed.md):
 A plan is the (micro-batch, kept layers) pair with the highest rate by that cost model (``rate``) among those the
 memory model predicts within the budget. The memory model is fitted on the method's own model before training
 (forward and backward at 1 and 2 rows with every layer checkpointed, and at 1 row with none): first on eager layers,
-then, where that keeps a faster plan out and the layers train compiled, on compiled ones, which keep less (``plan``).
+then, where that keeps a faster plan out and the layers train compiled, on compiled ones (``plan``).
 The peak the run then reaches is recorded beside the prediction (metrics ``memory_plan``): it is checked on every
 run. The rows per optimizer step never change: the budget buys speed, not another training run.
 """
@@ -42,18 +42,20 @@ RECOMPUTE_SHARE = 0.24
 class Probe:
     """Peak bytes of one forward and backward, measured on the method's model."""
 
-    static: int    # allocated before the step (weights, quantization state) + optimizer state + gradients held
-    one_row: int   # the step's peak above static with one row, every layer checkpointed
+    static: int    # allocated before the step (weights, quantization state) + optimizer state
+    one_row: int   # the step's peak above static with one row, every layer checkpointed, its gradients included
     two_rows: int  # and with two
     kept: int | None = None  # what one row adds with no layer checkpointed; None: keeping layers does not pay
     layers: int = 1
     compiled: bool = False  # measured on compiled layers (else eager ones)
     cuda_graphs: bool = False  # replayed as CUDA graphs
+    grads: int = 0  # gradients held from one micro-step to the next (accumulation)
 
-    def peak(self, rows: int, keep: int = 0) -> float:
+    def peak(self, rows: int, keep: int = 0, accum: int = 1) -> float:
         per_row = self.two_rows - self.one_row  # activations that grow with the rows
         fixed = self.one_row - per_row          # the step's transients that do not (the head's chunk, workspaces)
-        return self.static + fixed + rows * (per_row + (self.kept or 0) * keep / self.layers)
+        held = self.grads if accum > 1 else 0   # a later micro-step's whole peak sits on the gradients summed so far
+        return self.static + held + fixed + rows * (per_row + (self.kept or 0) * keep / self.layers)
 
 
 @dataclass(frozen=True)
@@ -92,12 +94,12 @@ def choose(probe: Probe, budget_gb: float, rows: int | Sequence[int], accumulate
     keeps = range(probe.layers + 1) if probe.kept is not None else [0]
     fits = [(rate(m, n // m, k, probe.layers, seq_len), -n // m, m, n // m, k)
             for n in options for m in range(n, 0, -1) if n % m == 0 and (accumulate or m == n)
-            for k in keeps if probe.peak(m, k) <= limit]
+            for k in keeps if probe.peak(m, k, n // m) <= limit]
     if fits:
         _, _, micro, accum, keep = max(fits)
-        return MemoryPlan(budget_gb, micro, accum, keep, round(probe.peak(micro, keep) / 2**30, 3))
+        return MemoryPlan(budget_gb, micro, accum, keep, round(probe.peak(micro, keep, accum) / 2**30, 3))
     least = min(options)
-    need = probe.peak(1 if accumulate else least) / 2**30
+    need = (probe.peak(1, 0, least) if accumulate else probe.peak(least)) / 2**30
     raise UserError(f"train.memory_budget_gb={budget_gb:g} is below what one optimizer step needs with every layer "
                     f"checkpointed ({need:.2f} GB predicted{'' if accumulate else f' for {least} rows at once'}); "
                     f"raise it, or set it to 0 to train with the configured checkpointing and batch")
@@ -125,10 +127,13 @@ def measure(model, spec, seq_len: int, vocab_size: int, compiled: bool = False, 
     checkpointed and, where keeping layers pays, one row with none. A compiled shape's peak is the highest of its
     first three steps (compiling, CUDA graphs' warm-up and recording, a replay), as a training run goes through them.
 
-    Gradients are dropped as they arrive (as a layer-wise optimizer consumes them) and counted as static memory
-    where the optimizer holds them. Optimizer state is counted from the shapes: layer-wise GaLore's exactly
-    (projected moments, buffers, bases: ``LayerwiseGaLore.held_bytes``), otherwise two moments per trainable
-    value, 8-bit or fp32 (for non-layer-wise GaLore that errs on the safe side)."""
+    Gradients arrive in the measured steps as in training: kept until the step ends, or, for a layer-wise
+    optimizer, dropped as they arrive (its hooks consume them). Each step's peak is thus measured with the
+    gradients that coexist with its activations (in a backward, the earlier layers' activations are freed as the
+    later layers' gradients are made), not with all of them on top; ``Probe.grads`` adds them whole where
+    accumulation holds them from micro-step to micro-step. Optimizer state is counted from the shapes: layer-wise
+    GaLore's exactly (projected moments, buffers, bases: ``LayerwiseGaLore.held_bytes``), otherwise two moments per
+    trainable value, 8-bit or fp32 (for non-layer-wise GaLore that errs on the safe side)."""
     from ftstudy import fastpath
     from ftstudy.galore import LayerwiseGaLore, galore_targets
     from ftstudy.loss import completion_loss
@@ -137,14 +142,14 @@ def measure(model, spec, seq_len: int, vocab_size: int, compiled: bool = False, 
 
     layers = causal_lm(model).model.layers
     trainable = [p for p in model.parameters() if p.requires_grad]
-    hooks = [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in trainable]
+    hooks = ([p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in trainable]
+             if spec.layerwise else [])
     if spec.galore is not None and spec.layerwise:
         targets = galore_targets(model, galore_target_patterns(spec.galore.target_modules))
         held = LayerwiseGaLore.held_bytes(model, targets, eight_bit=spec.eight_bit, rank=spec.galore.rank)
     else:
         held = sum(p.numel() * (1 if spec.eight_bit else 4) * 2 for p in trainable)
-    if not spec.layerwise:
-        held += sum(p.numel() * p.element_size() for p in trainable)  # gradients live until the optimizer step
+    grads = 0 if spec.layerwise else sum(p.numel() * p.element_size() for p in trainable)
     was = [getattr(layer, "gradient_checkpointing", False) for layer in layers]
     model.train()
 
@@ -152,6 +157,7 @@ def measure(model, spec, seq_len: int, vocab_size: int, compiled: bool = False, 
         ids = torch.randint(3, vocab_size, (rows, seq_len), device="cuda")
         labels = ids.clone()
         labels[:, : seq_len // 2] = -100
+        model.zero_grad(set_to_none=True)  # the last step's gradients: an optimizer step would have consumed them
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
@@ -175,7 +181,7 @@ def measure(model, spec, seq_len: int, vocab_size: int, compiled: bool = False, 
         static = torch.cuda.memory_allocated() + held
         one, two = peaks(True, [1, 2])
         kept = max(0, peaks(False, [1])[0] - one) if keeping_pays(spec) else None
-        probe = Probe(static, one, two, kept, len(layers), compiled, cuda_graphs)
+        probe = Probe(static, one, two, kept, len(layers), compiled, cuda_graphs, grads)
     finally:
         for h in hooks:
             h.remove()
@@ -190,9 +196,9 @@ def plan(model, spec, budget_gb: float, rows: int | Sequence[int], accumulate: b
          compiled: bool, cuda_graphs: bool = False) -> MemoryPlan:
     """:func:`choose` on the eager probe of ``model`` (:func:`measure`) and, where that probe is what keeps a faster
     plan out and the layers will train ``compiled`` (replayed as ``cuda_graphs`` or not), on a probe of the layers
-    compiled so, which keep less: on an H200, QLoRA's 16-row plan peaked at 2.66 GB where the eager probe predicted
-    4.11, and wide LoRA's 8 rows at 4.19 where it predicted 5.06. A compiled probe costs a compile per probed
-    shape, so it runs only where it can pay."""
+    compiled so: a layer that keeps its activations keeps fewer compiled (inductor saves fewer intermediates). With
+    every layer checkpointed the two measured the same on an H200 (wide LoRA, 1 / 2 / 8 rows: 0.75 / 0.90 / 1.10 GiB
+    above the weights). A compiled probe costs a compile per probed shape, so it runs only where it can pay."""
     from ftstudy.models import causal_lm
 
     vocab_size = causal_lm(model).config.vocab_size

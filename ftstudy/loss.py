@@ -95,6 +95,11 @@ class _FusedLinearCE(torch.autograd.Function):
                     torch.mm(g, weight, out=grad_h[start:start + chunk])
                 if need_w:
                     grad_w.addmm_(g.T, h)
+                # Freed before the next chunk's logits, not when g is rebound after them: otherwise two chunks'
+                # worth are alive from the second chunk on (128 MiB more at Gemma 3's vocabulary, measured on an
+                # H200), a step in the peak between one chunk and two that ftstudy.budget's probe would read as
+                # growth per row.
+                del g
         ctx.save_for_backward(grad_h, grad_w)
         ctx.hidden_dtype = hidden.dtype
         return total

@@ -46,6 +46,16 @@ def test_memory_left_after_the_rows_keeps_layers_uncheckpointed_where_keeping_pa
     assert not budget.keeping_pays(SimpleNamespace(layerwise=True)) and budget.keeping_pays(SimpleNamespace(layerwise=False))
 
 
+def test_accumulated_gradients_count_only_where_a_plan_accumulates():
+    """A single micro-step's measured peak already holds the gradients made during it; from the second micro-step
+    on, the sum of the earlier ones' sits under the whole step."""
+    probe = dataclasses.replace(PROBE, kept=None, grads=1 * GB)
+    assert probe.peak(8) == PROBE.peak(8) and probe.peak(4, accum=2) == pytest.approx(PROBE.peak(4) + 1 * GB)
+    assert budget.choose(probe, 100, 8, True, 512).micro_batch == 8  # one micro-step: nothing held
+    plan = budget.choose(probe, 5 / budget.MARGIN, 8, True, 512)  # 4 rows twice: 4.5 + 1 GB; 2 rows 4 times: 3.5 + 1
+    assert (plan.micro_batch, plan.grad_accum, plan.predicted_peak_gb) == (2, 4, 4.5)
+
+
 def test_given_several_batch_sizes_the_plan_takes_the_fastest_that_fits():
     """benchmarks/speed.py's budget rows: a larger batch spreads a step's fixed cost over more rows."""
     assert choose(100, rows=[8, 16, 32], accumulate=False).micro_batch == 32
