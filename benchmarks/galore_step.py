@@ -10,8 +10,8 @@
 2. Layer-wise: two copies of a 2-layer model with gemma-3-1b's layer shapes train 6 steps on the same batches,
    one with transformers' ``galore_adamw_8bit_layerwise`` (given the rate of the project's schedule at every
    step), one with ``LayerwiseGaLore``; prints the largest weight difference and the time per step of each.
-Both on the project's subclass (``adamw_8bit_class``: galore-torch's arguments bound by name), as the training
-stages run it; the original step is galore-torch's, called on it.
+Both on the project's subclass (``adamw_8bit_class``: galore-torch's arguments bound by name) and projector, as the
+training stages run them; the original step is galore-torch's, called on it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from unittest import mock
 
 import torch
 
@@ -65,6 +66,22 @@ def main() -> dict:
 
 
 def layerwise(steps: int = 6) -> dict:
+    # transformers builds its layer-wise optimizers from galore-torch's class, looked up by name: the reference takes
+    # the project's subclass (bitsandbytes' arguments bound by name; galore-torch's own leaves every 32-bit-state
+    # weight, Gemma's norms, untrained under bitsandbytes 0.50) and its projector (its basis, which fixes the
+    # singular vectors' signs its own way): what remains to compare is the layer-wise batching, as in
+    # tests/test_galore.py.
+    import galore_torch
+    import galore_torch.adamw8bit
+
+    from ftstudy.galore import _projector_class, adamw_8bit_class
+
+    with (mock.patch.object(galore_torch, "GaLoreAdamW8bit", adamw_8bit_class()),
+          mock.patch.object(galore_torch.adamw8bit, "GaLoreProjector", _projector_class())):
+        return _layerwise(steps)
+
+
+def _layerwise(steps: int) -> dict:
     import tempfile
 
     from transformers import AutoModelForCausalLM, Gemma3TextConfig, Trainer, TrainingArguments
