@@ -196,9 +196,10 @@ def plan(model, spec, budget_gb: float, rows: int | Sequence[int], accumulate: b
          compiled: bool, cuda_graphs: bool = False) -> MemoryPlan:
     """:func:`choose` on the eager probe of ``model`` (:func:`measure`) and, where that probe is what keeps a faster
     plan out and the layers will train ``compiled`` (replayed as ``cuda_graphs`` or not), on a probe of the layers
-    compiled so: a layer that keeps its activations keeps fewer compiled (inductor saves fewer intermediates). With
-    every layer checkpointed the two measured the same on an H200 (wide LoRA, 1 / 2 / 8 rows: 0.75 / 0.90 / 1.10 GiB
-    above the weights). A compiled probe costs a compile per probed shape, so it runs only where it can pay."""
+    compiled so, where a layer that keeps its activations may keep fewer (inductor chooses what to save). With every
+    layer checkpointed the two measured the same on an H200 (wide LoRA, 1 / 2 / 8 rows: 0.75 / 0.90 / 1.10 GiB above
+    the weights; benchmarks/results/budget_probe_h200.txt). A compiled probe costs a compile per probed shape, so it
+    runs only where it can pay."""
     from ftstudy.models import causal_lm
 
     vocab_size = causal_lm(model).config.vocab_size
