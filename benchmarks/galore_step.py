@@ -65,7 +65,9 @@ def main() -> dict:
     return rec
 
 
-def layerwise(steps: int = 6) -> dict:
+def layerwise(steps: int = 6, device: str = "cuda", widths: dict | None = None) -> dict:
+    """Part 2 (above), on ``device``, with ``widths`` in place of gemma-3-1b's (hidden_size and so on; the tests
+    run it small on the CPU)."""
     # transformers builds its layer-wise optimizers from galore-torch's class, looked up by name: the reference takes
     # the project's subclass (bitsandbytes' arguments bound by name; galore-torch's own leaves every 32-bit-state
     # weight, Gemma's norms, untrained under bitsandbytes 0.50) and its projector (its basis, which fixes the
@@ -78,10 +80,10 @@ def layerwise(steps: int = 6) -> dict:
 
     with (mock.patch.object(galore_torch, "GaLoreAdamW8bit", adamw_8bit_class()),
           mock.patch.object(galore_torch.adamw8bit, "GaLoreProjector", _projector_class())):
-        return _layerwise(steps)
+        return _layerwise(steps, device, widths or {})
 
 
-def _layerwise(steps: int) -> dict:
+def _layerwise(steps: int, device: str, widths: dict) -> dict:
     import tempfile
 
     from transformers import AutoModelForCausalLM, Gemma3TextConfig, Trainer, TrainingArguments
@@ -90,23 +92,25 @@ def _layerwise(steps: int) -> dict:
     from ftstudy.galore import LayerwiseGaLore
     from ftstudy.methods import galore_target_patterns
 
-    config = Gemma3TextConfig(**{**GEMMA3_1B, "num_hidden_layers": 2, "vocab_size": 32768})
+    config = Gemma3TextConfig(**{**GEMMA3_1B, "num_hidden_layers": 2, "vocab_size": 32768, **widths})
+    cuda = device == "cuda"
     torch.manual_seed(0)
     init = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).state_dict()
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(3, config.vocab_size, (4, 512), generator=g).cuda() for _ in range(steps)]
+    batches = [torch.randint(3, config.vocab_size, (4, 512), generator=g).to(device) for _ in range(steps)]
     # Deterministic kernels (the embedding's backward adds with atomics otherwise): two runs of one optimizer agree
     # bit for bit, so any difference left between the two optimizers is theirs. The second transformers run checks it.
     torch.use_deterministic_algorithms(True)
     models, times, rates = [], {}, None
     for name in ("project", "transformers", "transformers again"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda()
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(device)
         model.load_state_dict(init)
         with tempfile.TemporaryDirectory() as td:
             args = TrainingArguments(output_dir=td, optim="galore_adamw_8bit_layerwise", learning_rate=1e-3,
                                      optim_target_modules=galore_target_patterns(["self_attn", "mlp"]),
                                      optim_args="rank=128,update_proj_gap=2,scale=0.25", lr_scheduler_type="linear",
-                                     warmup_steps=2, max_steps=steps, bf16=True, report_to="none")
+                                     warmup_steps=2, max_steps=steps, bf16=cuda, use_cpu=not cuda,
+                                     report_to="none")
             trainer = Trainer(model=model, args=args)
             if name == "project":
                 trainer.optimizer = LayerwiseGaLore.from_trainer_args(model, args)
@@ -121,16 +125,18 @@ def _layerwise(steps: int) -> dict:
             else:
                 for o in opt.optimizer_dict.values():
                     o.param_groups[0]["lr"] = rates[step]
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()
             if name == "project":
                 trainer.lr_scheduler.step()
             opt.zero_grad()
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
             took.append(time.perf_counter() - t0)
         times[name] = round(statistics.median(took[2:]) * 1000, 1)
         models.append(model)
@@ -140,7 +146,7 @@ def _layerwise(steps: int) -> dict:
     control = max((b[n].float() - c[n].float()).abs().max().item() for n in a)
     return {"max_abs_diff": max(diff.values()), "params_differing": sorted(n for n, v in diff.items() if v > 0),
             "params": len(diff), "control_max_abs_diff": control, "rates": rates, "step_ms": times,
-            "max_abs_change": max((a[n].float() - init[n].float().cuda()).abs().max().item() for n in a)}
+            "max_abs_change": max((a[n].float() - init[n].float().to(device)).abs().max().item() for n in a)}
 
 
 if __name__ == "__main__":
