@@ -111,7 +111,8 @@ def compile_layers(model, cuda_graphs: bool = False, shapes: int = 8) -> None:
 def compiled_for_probe(model, checkpointed: bool, cuda_graphs: bool = False):
     """The decoder layers compiled as :func:`compile_layers` compiles them (static shapes; replayed as CUDA graphs
     with ``cuda_graphs``), every one checkpointed or none, undone on leaving: for ftstudy.budget's probe of what
-    compiled layers keep, which is less than eager ones (inductor saves fewer intermediates). Leaving resets the
+    compiled layers keep (a layer that keeps its activations may keep fewer compiled: inductor chooses what to save;
+    checkpointed, they measured the same as eager ones on an H200). Leaving resets the
     compiler, CUDA-graph pools included: the probe's shapes would otherwise hold memory and count against the
     training shapes' recompile limit. The attention and 4-bit linears stay as compile_layers leaves them."""
     use_grouped_attention(model)
