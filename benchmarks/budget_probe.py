@@ -4,7 +4,7 @@
     python benchmarks/budget_probe.py train lora_wide 8       # training steps at 8 rows, as speed.py's "ours" runs
 
 ``probe``: the method's model as benchmarks/speed.py builds it (random gemma-3-1b weights), every layer checkpointed,
-steps as ``ftstudy.budget.measure`` takes them (gradients as training keeps them), on compiled layers with and
+steps as ``ftstudy.budget.measure`` takes them (``budget.probe_step``), on compiled layers with and
 without CUDA graphs and on eager ones. Per step it prints, in GiB: memory allocated before it, the forward's peak
 and the step's peak above that, and what the step left allocated. ``train``: the same model with its layers compiled
 as the stages compile them (CUDA graphs) and its optimizer, a few steps; per step the memory allocated before it,
@@ -40,29 +40,15 @@ def model_for(method: str):
 
 def probe(method: str, rows: list[int]) -> None:
     from ftstudy import fastpath
-    from ftstudy.loss import completion_loss
+    from ftstudy.budget import probe_step
     from ftstudy.models import causal_lm
 
     model, _, _, _ = model_for(method)
     print(f"weights {torch.cuda.memory_allocated() / GIB:.3f} GiB", flush=True)
 
     def step(n: int) -> tuple[float, ...]:
-        ids = torch.randint(3, GEMMA3_1B["vocab_size"], (n, SEQ_LEN), device="cuda")
-        labels = ids.clone()
-        labels[:, : SEQ_LEN // 2] = -100
-        model.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = completion_loss(model, ids, torch.ones_like(ids), labels)
-        forward = torch.cuda.max_memory_allocated() - before
-        loss.backward()
-        torch.cuda.synchronize()
-        return tuple(round(x / GIB, 3) for x in (before, forward, torch.cuda.max_memory_allocated() - before,
-                                                  torch.cuda.memory_allocated() - before))
+        taken = probe_step(model, n, SEQ_LEN, GEMMA3_1B["vocab_size"])
+        return tuple(round(taken[k] / GIB, 3) for k in ("before", "forward", "peak", "left"))
 
     for graphs in (True, False):
         with fastpath.compiled_for_probe(model, True, graphs):

@@ -136,7 +136,6 @@ def measure(model, spec, seq_len: int, vocab_size: int, compiled: bool = False, 
     trainable value, 8-bit or fp32 (for non-layer-wise GaLore that errs on the safe side)."""
     from ftstudy import fastpath
     from ftstudy.galore import LayerwiseGaLore, galore_targets
-    from ftstudy.loss import completion_loss
     from ftstudy.methods import galore_target_patterns
     from ftstudy.models import causal_lm
 
@@ -154,20 +153,7 @@ def measure(model, spec, seq_len: int, vocab_size: int, compiled: bool = False, 
     model.train()
 
     def step(rows: int) -> int:
-        ids = torch.randint(3, vocab_size, (rows, seq_len), device="cuda")
-        labels = ids.clone()
-        labels[:, : seq_len // 2] = -100
-        model.zero_grad(set_to_none=True)  # the last step's gradients: an optimizer step would have consumed them
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        torch.compiler.cudagraph_mark_step_begin()  # as the Trainer does (a no-op without CUDA graphs)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = completion_loss(model, ids, torch.ones_like(ids), labels)
-        loss.backward()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
+        return probe_step(model, rows, seq_len, vocab_size)["peak"]
 
     def peaks(checkpointed: bool, rows: list[int]) -> list[int]:
         if not compiled:
@@ -190,6 +176,30 @@ def measure(model, spec, seq_len: int, vocab_size: int, compiled: bool = False, 
         model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
     return probe
+
+
+def probe_step(model, rows: int, seq_len: int, vocab_size: int) -> dict[str, int]:
+    """One forward and backward of ``rows`` random rows, their second half labelled, under bf16 autocast: the step
+    :func:`measure` takes. Bytes allocated before it (``before``), the peaks above that of its forward (``forward``)
+    and of the whole step (``peak``), and what it left allocated (``left``)."""
+    from ftstudy.loss import completion_loss
+
+    ids = torch.randint(3, vocab_size, (rows, seq_len), device="cuda")
+    labels = ids.clone()
+    labels[:, : seq_len // 2] = -100
+    model.zero_grad(set_to_none=True)  # the last step's gradients: an optimizer step would have consumed them
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    torch.compiler.cudagraph_mark_step_begin()  # as the Trainer does (a no-op without CUDA graphs)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = completion_loss(model, ids, torch.ones_like(ids), labels)
+    forward = torch.cuda.max_memory_allocated() - before
+    loss.backward()
+    torch.cuda.synchronize()
+    return {"before": before, "forward": forward, "peak": torch.cuda.max_memory_allocated() - before,
+            "left": torch.cuda.memory_allocated() - before}
 
 
 def plan(model, spec, budget_gb: float, rows: int | Sequence[int], accumulate: bool, seq_len: int,

@@ -101,10 +101,18 @@ def compile_layers(model, cuda_graphs: bool = False, shapes: int = 8) -> None:
     use_grouped_attention(model)
     compile_head(model)
     for layer in causal_lm(model).model.layers:
-        trace_4bit_linears(layer)
-        if getattr(layer, "gradient_checkpointing", False):
-            recompute_inside(layer)
-        layer.compile(**options)
+        _compile_layer(layer, getattr(layer, "gradient_checkpointing", False), **options)
+
+
+def _compile_layer(layer, checkpointed: bool, **options) -> None:
+    """One decoder layer compiled with ``options``: its 4-bit linears traceable, its recomputation inside the graph
+    where it is ``checkpointed`` (else none)."""
+    trace_4bit_linears(layer)
+    if checkpointed:
+        recompute_inside(layer)
+    else:
+        layer.gradient_checkpointing = False
+    layer.compile(**options)
 
 
 @contextlib.contextmanager
@@ -121,12 +129,7 @@ def compiled_for_probe(model, checkpointed: bool, cuda_graphs: bool = False):
     inductor = {**INDUCTOR, "triton.cudagraphs": cuda_graphs}
     try:
         for layer in layers:
-            trace_4bit_linears(layer)
-            if checkpointed:
-                recompute_inside(layer)
-            else:
-                layer.gradient_checkpointing = False
-            layer.compile(dynamic=False, options=inductor)
+            _compile_layer(layer, checkpointed, dynamic=False, options=inductor)
         yield
     finally:
         for layer, (forward, flag) in zip(layers, saved, strict=True):

@@ -264,10 +264,10 @@ def galore_8bit_step(self, closure=None):
 def _by_bytes(members: list, limit: int) -> list[list]:
     """``members`` (param, offset, shape) in consecutive groups whose full-size weights take at most ``limit`` bytes
     together (a group of one where a weight alone is larger)."""
-    groups, size = [], limit
+    groups, size = [], 0
     for m in members:
         n = m[0].numel() * m[0].element_size()
-        if size + n > limit:
+        if not groups or size + n > limit:
             groups.append([])
             size = 0
         groups[-1].append(m)
