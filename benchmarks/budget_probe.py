@@ -51,7 +51,7 @@ def probe(method: str, rows: list[int]) -> None:
         return tuple(round(taken[k] / GIB, 3) for k in ("before", "forward", "peak", "left"))
 
     for graphs in (True, False):
-        with fastpath.compiled_for_probe(model, True, graphs):
+        with fastpath.compiled_for_probe(model, 0, graphs):
             for n in rows:
                 print(f"compiled, CUDA graphs {graphs}, {n} rows (before, forward peak, peak, left) per step:",
                       [step(n) for _ in range(3)], flush=True)

@@ -483,7 +483,7 @@ def main(argv=None) -> list[dict]:
                 rec["budgets"].append({
                     "fraction": fraction, "budget_gb": plan["budget_gb"], "rows": plan["micro_batch"],
                     "keep_activations": plan["keep_activations"],
-                    "predicted_peak_gb": plan["predicted_peak_gb"], "probe": plan["probe"],
+                    "predicted_peak_gb": plan["predicted_peak_gb"], "probe": plan["probe"], "checked": plan["checked"],
                     "peak_allocated_gb": b["peak_allocated_gb"],
                     "within_budget": b["peak_allocated_gb"] <= plan["budget_gb"],
                     "memory_ratio": round(b["peak_allocated_gb"] / base["peak_allocated_gb"], 3),

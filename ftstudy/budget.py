@@ -14,7 +14,8 @@ graphs, benchmarks/profile_step.py; docs/gpu-speed.md):
 A plan is the (micro-batch, kept layers) pair with the highest rate by that cost model (``rate``) among those the
 memory model predicts within the budget. The memory model is fitted on the method's own model before training
 (forward and backward at 1 and 2 rows with every layer checkpointed, and at 1 row with none): first on eager layers,
-then, where that keeps a faster plan out and the layers train compiled, on compiled ones (``plan``).
+then, where that keeps a faster plan out and the layers train compiled, on compiled ones. The plan it picks is then
+measured whole, and one over the budget corrects the model until a plan measures within it (``plan``).
 The peak the run then reaches is recorded beside the prediction (metrics ``memory_plan``): it is checked on every
 run. The rows per optimizer step never change: the budget buys speed, not another training run.
 """
@@ -36,11 +37,12 @@ MARGIN = 0.95  # plan to this share of the budget: the allocator's fragmentation
 # forward adds (1 - 1/1.23-1.31).
 STEP_COST_TOKENS = 1024
 RECOMPUTE_SHARE = 0.24
+CHECKS = 6  # shapes plan() measures whole at most (compiled, each is a compile)
 
 
 @dataclass(frozen=True)
 class Probe:
-    """Peak bytes of one forward and backward, measured on the method's model."""
+    """Peak bytes of forwards and backwards, measured on the method's model."""
 
     static: int    # allocated before the step (weights, quantization state) + optimizer state
     one_row: int   # the step's peak above static with one row, every layer checkpointed, its gradients included
@@ -50,12 +52,30 @@ class Probe:
     compiled: bool = False  # measured on compiled layers (else eager ones)
     cuda_graphs: bool = False  # replayed as CUDA graphs
     grads: int = 0  # gradients held from one micro-step to the next (accumulation)
+    checked: tuple[tuple[int, int, int], ...] = ()  # (rows, kept layers, peak above static) at plans measured whole
 
     def peak(self, rows: int, keep: int = 0, accum: int = 1) -> float:
-        per_row = self.two_rows - self.one_row  # activations that grow with the rows
-        fixed = self.one_row - per_row          # the step's transients that do not (the head's chunk, workspaces)
-        held = self.grads if accum > 1 else 0   # a later micro-step's whole peak sits on the gradients summed so far
-        return self.static + held + fixed + rows * (per_row + (self.kept or 0) * keep / self.layers)
+        held = self.grads if accum > 1 else 0  # a later micro-step's whole peak sits on the gradients summed so far
+        return self.static + held + self._checkpointed(rows) + rows * self._kept() * keep / self.layers
+
+    def _checkpointed(self, rows: int) -> float:
+        """Above static with every layer checkpointed: through the rows measured, straight between them. A step's
+        peak is the highest of its phases' (the head's chunk at one or two rows, a layer's recomputed backward at
+        tens), each linear in the rows, so it bends upwards: a chord errs high, and the last chord carried on errs
+        low, which is why :func:`plan` measures the shape it takes."""
+        points = sorted({1: self.one_row, 2: self.two_rows, **{n: b for n, k, b in self.checked if k == 0}}.items())
+        for (r0, b0), (r1, b1) in zip(points, points[1:], strict=False):
+            if rows <= r1 or r1 == points[-1][0]:
+                return b0 + (rows - r0) * max(b1 - b0, 0) / (r1 - r0)
+        return float(points[0][1])
+
+    def _kept(self) -> float:
+        """What a row adds with every layer kept: as measured at one row, or more where a checked plan kept more."""
+        per_row = float(self.kept or 0)
+        for n, k, b in self.checked:
+            if k:
+                per_row = max(per_row, (b - self._checkpointed(n)) * self.layers / (n * k))
+        return per_row
 
 
 @dataclass(frozen=True)
@@ -66,6 +86,7 @@ class MemoryPlan:
     keep_activations: int
     predicted_peak_gb: float
     probe: str = "eager"  # what the prediction was measured on: "eager", "compiled" or "compiled+graphs" layers
+    checked: int = 0  # shapes measured whole before this one was taken (plan); its prediction is its own measurement
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -83,18 +104,20 @@ def keeping_pays(spec) -> bool:
     return not spec.layerwise
 
 
-def choose(probe: Probe, budget_gb: float, rows: int | Sequence[int], accumulate: bool, seq_len: int) -> MemoryPlan:
+def choose(probe: Probe, budget_gb: float, rows: int | Sequence[int], accumulate: bool, seq_len: int,
+           measured_only: bool = False) -> MemoryPlan:
     """The fastest plan by ``rate`` that ``probe`` predicts within ``budget_gb``, for ``rows`` per optimizer step
     (or, given several, for any of them: benchmarks that may spend the budget on a larger batch). Micro-batches
     divide the rows; ``accumulate`` False allows only the rows themselves (layer-wise optimizers step inside the
     backward; CUDA graphs forced on cannot accumulate). Layers keep their activations only where the probe
-    measured what that costs (``keeping_pays``)."""
+    measured what that costs (``keeping_pays``). ``measured_only``: among the shapes ``probe`` has checked."""
     limit = budget_gb * 2**30 * MARGIN
+    measured = {(n, k) for n, k, _ in probe.checked}
     options = [rows] if isinstance(rows, int) else list(rows)
     keeps = range(probe.layers + 1) if probe.kept is not None else [0]
     fits = [(rate(m, n // m, k, probe.layers, seq_len), -n // m, m, n // m, k)
             for n in options for m in range(n, 0, -1) if n % m == 0 and (accumulate or m == n)
-            for k in keeps if probe.peak(m, k, n // m) <= limit]
+            for k in keeps if probe.peak(m, k, n // m) <= limit and (not measured_only or (m, k) in measured)]
     if fits:
         _, _, micro, accum, keep = max(fits)
         return MemoryPlan(budget_gb, micro, accum, keep, round(probe.peak(micro, keep, accum) / 2**30, 3))
@@ -111,7 +134,7 @@ def shape(plan: MemoryPlan) -> tuple[int, int, int]:
 
 def fastest(probe: Probe, budget_gb: float, rows: int | Sequence[int], accumulate: bool, seq_len: int) -> MemoryPlan:
     """The plan :func:`choose` would pick if activations took no memory (the static part still has to fit)."""
-    free = dataclasses.replace(probe, one_row=0, two_rows=0, kept=None if probe.kept is None else 0)
+    free = dataclasses.replace(probe, one_row=0, two_rows=0, kept=None if probe.kept is None else 0, checked=())
     return choose(free, budget_gb, rows, accumulate, seq_len)
 
 
@@ -124,50 +147,60 @@ def check(budget_gb: float, cuda: bool) -> None:
 def measure(model, spec, seq_len: int, vocab_size: int, compiled: bool = False, cuda_graphs: bool = False) -> Probe:
     """Peak memory of steps of ``model``, eager or with its layers ``compiled`` (:func:`ftstudy.fastpath.compiled_for_probe`;
     compiled layers, which fuse, keep less), replayed as ``cuda_graphs`` or not: one and two rows with every layer
-    checkpointed and, where keeping layers pays, one row with none. A compiled shape's peak is the highest of its
-    first three steps (compiling, CUDA graphs' warm-up and recording, a replay), as a training run goes through them.
+    checkpointed and, where keeping layers pays, one row with none (:func:`peak_at`). Static memory is read after an
+    untimed first step, so that what a first step allocates for good (workspaces) counts once, in static, and what
+    it allocates once and frees (layer-wise GaLore measured more at one row than at two without it) not at all.
 
-    Gradients arrive in the measured steps as in training: kept until the step ends, or, for a layer-wise
-    optimizer, dropped as they arrive (its hooks consume them). Each step's peak is thus measured with the
-    gradients that coexist with its activations (in a backward, the earlier layers' activations are freed as the
-    later layers' gradients are made), not with all of them on top; ``Probe.grads`` adds them whole where
-    accumulation holds them from micro-step to micro-step. Optimizer state is counted from the shapes: layer-wise
-    GaLore's exactly (projected moments, buffers, bases: ``LayerwiseGaLore.held_bytes``), otherwise two moments per
-    trainable value, 8-bit or fp32 (for non-layer-wise GaLore that errs on the safe side)."""
-    from ftstudy import fastpath
+    Optimizer state is counted from the shapes: layer-wise GaLore's exactly (projected moments, buffers, bases:
+    ``LayerwiseGaLore.held_bytes``), otherwise two moments per trainable value, 8-bit or fp32 (for non-layer-wise
+    GaLore that errs on the safe side)."""
     from ftstudy.galore import LayerwiseGaLore, galore_targets
     from ftstudy.methods import galore_target_patterns
     from ftstudy.models import causal_lm
 
-    layers = causal_lm(model).model.layers
     trainable = [p for p in model.parameters() if p.requires_grad]
-    hooks = ([p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in trainable]
-             if spec.layerwise else [])
     if spec.galore is not None and spec.layerwise:
         targets = galore_targets(model, galore_target_patterns(spec.galore.target_modules))
         held = LayerwiseGaLore.held_bytes(model, targets, eight_bit=spec.eight_bit, rank=spec.galore.rank)
     else:
         held = sum(p.numel() * (1 if spec.eight_bit else 4) * 2 for p in trainable)
     grads = 0 if spec.layerwise else sum(p.numel() * p.element_size() for p in trainable)
+    layers = len(causal_lm(model).model.layers)
+    peak_at(model, spec, seq_len, vocab_size, [1])
+    static = torch.cuda.memory_allocated() + held
+    one, two = peak_at(model, spec, seq_len, vocab_size, [1, 2], 0, compiled, cuda_graphs)
+    kept = (max(0, peak_at(model, spec, seq_len, vocab_size, [1], layers, compiled, cuda_graphs)[0] - one)
+            if keeping_pays(spec) else None)
+    return Probe(static, one, two, kept, layers, compiled, cuda_graphs, grads)
+
+
+def peak_at(model, spec, seq_len: int, vocab_size: int, rows: list[int], keep: int = 0, compiled: bool = False,
+            cuda_graphs: bool = False) -> list[int]:
+    """The peak above what was allocated before it of a step (:func:`probe_step`) for each of ``rows``, with the last
+    ``keep`` layers uncheckpointed, the layers eager or ``compiled`` (then the highest of a shape's first three steps:
+    compiling, CUDA graphs' warm-up and recording, a replay, as a training run goes through them).
+
+    Gradients arrive as in training: kept until the step ends, or, for a layer-wise optimizer, dropped as they
+    arrive (its hooks consume them). Each step's peak thus holds the gradients that coexist with its activations (in
+    a backward, the earlier layers' activations are freed as the later layers' gradients are made), not all of them
+    on top; ``Probe.grads`` adds them whole where accumulation holds them from micro-step to micro-step. The model is
+    left as it was (checkpointing flags, no gradients)."""
+    from ftstudy import fastpath
+    from ftstudy.models import causal_lm
+
+    layers = causal_lm(model).model.layers
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    hooks = ([p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in trainable]
+             if spec.layerwise else [])
     was = [getattr(layer, "gradient_checkpointing", False) for layer in layers]
     model.train()
-
-    def step(rows: int) -> int:
-        return probe_step(model, rows, seq_len, vocab_size)["peak"]
-
-    def peaks(checkpointed: bool, rows: list[int]) -> list[int]:
-        if not compiled:
-            for layer in layers:
-                layer.gradient_checkpointing = checkpointed
-            return [step(n) for n in rows]
-        with fastpath.compiled_for_probe(model, checkpointed, cuda_graphs):
-            return [max(step(n) for _ in range(3)) for n in rows]
-
     try:
-        static = torch.cuda.memory_allocated() + held
-        one, two = peaks(True, [1, 2])
-        kept = max(0, peaks(False, [1])[0] - one) if keeping_pays(spec) else None
-        probe = Probe(static, one, two, kept, len(layers), compiled, cuda_graphs, grads)
+        if not compiled:
+            for i, layer in enumerate(layers):
+                layer.gradient_checkpointing = i < len(layers) - keep
+            return [probe_step(model, n, seq_len, vocab_size)["peak"] for n in rows]
+        with fastpath.compiled_for_probe(model, keep, cuda_graphs):
+            return [max(probe_step(model, n, seq_len, vocab_size)["peak"] for _ in range(3)) for n in rows]
     finally:
         for h in hooks:
             h.remove()
@@ -175,7 +208,6 @@ def measure(model, spec, seq_len: int, vocab_size: int, compiled: bool = False, 
             layer.gradient_checkpointing = flag
         model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
-    return probe
 
 
 def probe_step(model, rows: int, seq_len: int, vocab_size: int) -> dict[str, int]:
@@ -204,12 +236,18 @@ def probe_step(model, rows: int, seq_len: int, vocab_size: int) -> dict[str, int
 
 def plan(model, spec, budget_gb: float, rows: int | Sequence[int], accumulate: bool, seq_len: int,
          compiled: bool, cuda_graphs: bool = False) -> MemoryPlan:
-    """:func:`choose` on the eager probe of ``model`` (:func:`measure`) and, where that probe is what keeps a faster
-    plan out and the layers will train ``compiled`` (replayed as ``cuda_graphs`` or not), on a probe of the layers
-    compiled so, where a layer that keeps its activations may keep fewer (inductor chooses what to save). With every
-    layer checkpointed the two measured the same on an H200 (wide LoRA, 1 / 2 / 8 rows: 0.75 / 0.90 / 1.10 GiB above
-    the weights; benchmarks/results/budget_probe_h200.txt). A compiled probe costs a compile per probed shape, so it
-    runs only where it can pay."""
+    """The plan :func:`choose` makes on a probe of ``model`` (:func:`measure`), measured whole before it is taken.
+
+    The probe is eager and, where that keeps a faster plan out and the layers will train ``compiled`` (replayed as
+    ``cuda_graphs`` or not), of the layers compiled so, where a layer that keeps its activations may keep fewer
+    (inductor chooses what to save; with every layer checkpointed the two measured the same on an H200,
+    benchmarks/results/budget_probe_h200.txt). A compiled probe costs a compile per probed shape, so it runs only
+    where it can pay.
+
+    One and two rows do not tell how the peak grows at tens (``Probe._checkpointed``: on an H200 the probe's
+    4.57 GB for 64 QLoRA rows trained at 6.66), so the chosen shape is then measured as the probe measures (one
+    step; compiled, three), and one over the budget becomes a point of the model, which chooses again, until a
+    shape measures within it or none is left."""
     from ftstudy.models import causal_lm
 
     vocab_size = causal_lm(model).config.vocab_size
@@ -223,8 +261,18 @@ def plan(model, spec, budget_gb: float, rows: int | Sequence[int], accumulate: b
     if compiled and (chosen is None or shape(chosen) != shape(fastest(probe, budget_gb, rows, accumulate, seq_len))):
         probe = measure(model, spec, seq_len, vocab_size, compiled=True, cuda_graphs=cuda_graphs)
         chosen = choose(probe, budget_gb, rows, accumulate, seq_len)
-    print(f"memory budget {budget_gb:g} GB, probe {asdict(probe)}: "
-          f"{chosen.micro_batch} rows x {chosen.grad_accum}, {chosen.keep_activations} layers kept, "
-          f"{chosen.predicted_peak_gb} GB predicted", file=sys.stderr, flush=True)
+    for _ in range(CHECKS):
+        if (shape(chosen)[0], shape(chosen)[2]) in {(n, k) for n, k, _ in probe.checked}:
+            break  # measured, and still the fastest that fits
+        micro, accum, keep = shape(chosen)
+        [above] = peak_at(model, spec, seq_len, vocab_size, [micro], keep, probe.compiled, probe.cuda_graphs)
+        probe = dataclasses.replace(probe, checked=(*probe.checked, (micro, keep, above)))
+        print(f"memory budget {budget_gb:g} GB: {micro} rows x {accum}, {keep} layers kept: "
+              f"{chosen.predicted_peak_gb} GB predicted, {probe.peak(micro, keep, accum) / 2**30:.3f} measured",
+              file=sys.stderr, flush=True)
+        chosen = choose(probe, budget_gb, rows, accumulate, seq_len)  # raises once no shape is left
+    else:  # the model kept moving: the fastest of the shapes measured within the budget
+        chosen = choose(probe, budget_gb, rows, accumulate, seq_len, measured_only=True)
+    print(f"memory budget {budget_gb:g} GB, probe {asdict(probe)}", file=sys.stderr, flush=True)
     kind = ("compiled+graphs" if probe.cuda_graphs else "compiled") if probe.compiled else "eager"
-    return dataclasses.replace(chosen, probe=kind)
+    return dataclasses.replace(chosen, probe=kind, checked=len(probe.checked))

@@ -116,9 +116,9 @@ def _compile_layer(layer, checkpointed: bool, **options) -> None:
 
 
 @contextlib.contextmanager
-def compiled_for_probe(model, checkpointed: bool, cuda_graphs: bool = False):
+def compiled_for_probe(model, keep: int = 0, cuda_graphs: bool = False):
     """The decoder layers compiled as :func:`compile_layers` compiles them (static shapes; replayed as CUDA graphs
-    with ``cuda_graphs``), every one checkpointed or none, undone on leaving: for ftstudy.budget's probe of what
+    with ``cuda_graphs``), checkpointed but for the last ``keep``, undone on leaving: for ftstudy.budget's probe of what
     compiled layers keep (a layer that keeps its activations may keep fewer compiled: inductor chooses what to save;
     checkpointed, they measured the same as eager ones on an H200). Leaving resets the
     compiler, CUDA-graph pools included: the probe's shapes would otherwise hold memory and count against the
@@ -128,8 +128,8 @@ def compiled_for_probe(model, checkpointed: bool, cuda_graphs: bool = False):
     saved = [(layer.__dict__.get("forward"), getattr(layer, "gradient_checkpointing", False)) for layer in layers]
     inductor = {**INDUCTOR, "triton.cudagraphs": cuda_graphs}
     try:
-        for layer in layers:
-            _compile_layer(layer, checkpointed, dynamic=False, options=inductor)
+        for i, layer in enumerate(layers):
+            _compile_layer(layer, i < len(layers) - keep, dynamic=False, options=inductor)
         yield
     finally:
         for layer, (forward, flag) in zip(layers, saved, strict=True):
