@@ -23,6 +23,7 @@ run. The rows per optimizer step never change: the budget buys speed, not anothe
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -37,7 +38,7 @@ MARGIN = 0.95  # plan to this share of the budget: the allocator's fragmentation
 # forward adds (1 - 1/1.23-1.31).
 STEP_COST_TOKENS = 1024
 RECOMPUTE_SHARE = 0.24
-CHECKS = 6  # shapes plan() measures whole at most (compiled, each is a compile)
+CHECKS = 6  # shapes plan() measures whole at most (compiled, each costs a compile)
 
 
 @dataclass(frozen=True)
@@ -52,30 +53,37 @@ class Probe:
     compiled: bool = False  # measured on compiled layers (else eager ones)
     cuda_graphs: bool = False  # replayed as CUDA graphs
     grads: int = 0  # gradients held from one micro-step to the next (accumulation)
-    checked: tuple[tuple[int, int, int], ...] = ()  # (rows, kept layers, peak above static) at plans measured whole
+    checked: tuple[tuple[int, int, float], ...] = ()  # (rows, kept layers, peak above static; inf: out of memory)
+    #                                                   at plans measured whole (plan)
 
     def peak(self, rows: int, keep: int = 0, accum: int = 1) -> float:
         held = self.grads if accum > 1 else 0  # a later micro-step's whole peak sits on the gradients summed so far
-        return self.static + held + self._checkpointed(rows) + rows * self._kept() * keep / self.layers
+        measured = {(n, k): b for n, k, b in self.checked}
+        above = measured.get((rows, keep))  # a shape measured whole is what it measured
+        if above is None:
+            above = self._checkpointed(rows) + rows * self._kept() * keep / self.layers
+        return self.static + held + above
 
     def _checkpointed(self, rows: int) -> float:
         """Above static with every layer checkpointed: through the rows measured, straight between them. A step's
         peak is the highest of its phases' (the head's chunk at one or two rows, a layer's recomputed backward at
         tens), each linear in the rows, so it bends upwards: a chord errs high, and the last chord carried on errs
         low, which is why :func:`plan` measures the shape it takes."""
-        points = sorted({1: self.one_row, 2: self.two_rows, **{n: b for n, k, b in self.checked if k == 0}}.items())
+        points = sorted({1: self.one_row, 2: self.two_rows,
+                         **{n: b for n, k, b in self.checked if k == 0 and b < math.inf}}.items())
         for (r0, b0), (r1, b1) in zip(points, points[1:], strict=False):
             if rows <= r1 or r1 == points[-1][0]:
                 return b0 + (rows - r0) * max(b1 - b0, 0) / (r1 - r0)
         return float(points[0][1])
 
     def _kept(self) -> float:
-        """What a row adds with every layer kept: as measured at one row, or more where a checked plan kept more."""
-        per_row = float(self.kept or 0)
-        for n, k, b in self.checked:
-            if k:
-                per_row = max(per_row, (b - self._checkpointed(n)) * self.layers / (n * k))
-        return per_row
+        """What a row adds with every layer kept. Measured at one row it includes what a kept layer holds whatever
+        the rows (QLoRA's: 2.17 GB against ~0.04 GB a row at 64 rows on an H200), so once plans that keep layers
+        have been measured whole, the most any of them implies (all of a plan's excess over the checkpointed
+        rows put on its kept layers) takes its place."""
+        implied = [max(0.0, (b - self._checkpointed(n)) * self.layers / (n * k))
+                   for n, k, b in self.checked if k and b < math.inf]
+        return max(implied) if implied else float(self.kept or 0)
 
 
 @dataclass(frozen=True)
@@ -245,9 +253,12 @@ def plan(model, spec, budget_gb: float, rows: int | Sequence[int], accumulate: b
     where it can pay.
 
     One and two rows do not tell how the peak grows at tens (``Probe._checkpointed``: on an H200 the probe's
-    4.57 GB for 64 QLoRA rows trained at 6.66), so the chosen shape is then measured as the probe measures (one
-    step; compiled, three), and one over the budget becomes a point of the model, which chooses again, until a
-    shape measures within it or none is left."""
+    4.57 GB for 64 QLoRA rows trained at 6.66), and one row with every layer kept does not tell what a kept layer
+    holds at tens (``Probe._kept``), so the chosen shape is then measured as the probe measures (one step;
+    compiled, three) and becomes a point of the model, which chooses again: a shape over the budget is refused, and
+    one that measured less than predicted can make room for a faster one, measured in its turn. It ends at a shape
+    measured within the budget and still the fastest predicted, or after ``CHECKS`` shapes at the fastest of those
+    measured within it."""
     from ftstudy.models import causal_lm
 
     vocab_size = causal_lm(model).config.vocab_size
@@ -265,7 +276,11 @@ def plan(model, spec, budget_gb: float, rows: int | Sequence[int], accumulate: b
         if (shape(chosen)[0], shape(chosen)[2]) in {(n, k) for n, k, _ in probe.checked}:
             break  # measured, and still the fastest that fits
         micro, accum, keep = shape(chosen)
-        [above] = peak_at(model, spec, seq_len, vocab_size, [micro], keep, probe.compiled, probe.cuda_graphs)
+        try:
+            [above] = peak_at(model, spec, seq_len, vocab_size, [micro], keep, probe.compiled, probe.cuda_graphs)
+        except torch.cuda.OutOfMemoryError:  # a shape predicted low can be past the card itself
+            above = math.inf
+        torch.cuda.empty_cache()  # the failed step's tensors, released with its exception
         probe = dataclasses.replace(probe, checked=(*probe.checked, (micro, keep, above)))
         print(f"memory budget {budget_gb:g} GB: {micro} rows x {accum}, {keep} layers kept: "
               f"{chosen.predicted_peak_gb} GB predicted, {probe.peak(micro, keep, accum) / 2**30:.3f} measured",

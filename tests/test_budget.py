@@ -2,9 +2,11 @@
 --budgets and train_methods.py --memory-budget-gb check predicted against measured peaks on the GPU)."""
 
 import dataclasses
+import math
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from ftstudy import budget
 from ftstudy.errors import UserError
@@ -69,16 +71,22 @@ def test_a_budget_nothing_fits_names_the_fix_and_layerwise_never_accumulates():
         choose(1)
 
 
-def _plan(monkeypatch, budget_gb, compiled, rows=8, graphs=False, bends=0.0, keep_pays=True, accumulate=True):
+def _plan(monkeypatch, budget_gb, compiled, rows=8, graphs=False, bends=0.0, keep_pays=True, accumulate=True,
+          kept_share=1.0, card_gb=math.inf):
     """budget.plan with its measurements stood in for (measuring needs CUDA): the eager layers peak as PROBE says,
     compiled ones keep half as much per row and a quarter as much per kept layer; ``bends`` GB more per row for
-    every row past two (the peak moving from the head to a layer's backward). Returns the plan and what was measured."""
+    every row past two (the peak moving from the head to a layer's backward); kept layers hold ``kept_share`` of what
+    the probe's one row says; a step past ``card_gb`` runs out of memory. Returns the plan and what was measured."""
     taken = []
     compiled_probe = dataclasses.replace(PROBE, one_row=int(0.75 * GB), two_rows=1 * GB, kept=GB // 4, compiled=True)
 
     def truth(rows, keep, compiled):
         probe = compiled_probe if compiled else PROBE
-        return int(probe.peak(rows, keep) - probe.static + bends * GB * max(0, rows - 2))
+        above = probe.peak(rows) - probe.static + kept_share * (probe.peak(rows, keep) - probe.peak(rows))
+        above += bends * GB * max(0, rows - 2)
+        if probe.static + above > card_gb * GB:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (stand-in)")
+        return int(above)
 
     def measure(model, spec, seq_len, vocab_size, compiled=False, cuda_graphs=False):
         taken.append(("compiled+graphs" if cuda_graphs else "compiled") if compiled else "eager")
@@ -149,3 +157,21 @@ def test_when_no_shape_measures_within_the_budget_the_error_names_the_fix(monkey
     """Layer-wise GaLore takes its 8 rows at once or not at all: predicted 6.5 GB, measured 8."""
     with pytest.raises(UserError, match="train.memory_budget_gb=7.5 is below what one optimizer step needs.*8 rows at"):
         _plan(monkeypatch, 7.5, compiled=False, rows=8, bends=0.25, keep_pays=False, accumulate=False)
+
+
+def test_a_plan_that_measured_less_than_predicted_makes_room_for_a_faster_one_measured_in_its_turn(monkeypatch):
+    """One row with every layer kept counts what a kept layer holds whatever the rows (QLoRA on an H200: predicted
+    9.66 GB, measured 6.49, one layer kept where more fitted). Here kept layers hold half what the probe says."""
+    plan, taken = _plan(monkeypatch, 8.5 / budget.MARGIN, compiled=False, kept_share=0.5)
+    # the probe: 8 rows and 1 kept layer (6.5 + 2 = 8.5 GB); measured 7.5, so 8 rows and 2 kept (8.5) measured in turn
+    assert taken == ["eager", (8, 1), (8, 2)] and budget.shape(plan) == (8, 1, 2) and plan.checked == 2
+    assert plan.predicted_peak_gb == 8.5 and plan.probe == "eager"
+
+
+def test_a_shape_past_the_card_counts_as_over_the_budget_and_the_next_is_measured(monkeypatch):
+    """A shape the model predicts low may not fit the card at all: its step runs out of memory, and it is refused
+    like one measured over the budget."""
+    plan, taken = _plan(monkeypatch, 100, compiled=False, rows=[8, 16], accumulate=False, keep_pays=False, bends=0.5,
+                        card_gb=12)
+    # 16 rows: 10.5 GB by the line, 17.5 with the bend, past a 12 GB card; 8 rows: 6.5 + 3 = 9.5
+    assert taken == ["eager", (16, 0), (8, 0)] and budget.shape(plan) == (8, 1, 0) and plan.predicted_peak_gb == 9.5
