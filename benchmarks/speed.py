@@ -519,7 +519,7 @@ def main(argv=None) -> list[dict]:
               f"{r.get('memory_ratio', float('nan')):>9.2f} {r['baseline_loss']:>10.4f} {r['loss']:>10.4f} "
               f"{r['mfu'] if r['mfu'] is not None else '-':>6}")
     if any(r["budgets"] for r in records):
-        print(f"\n{'method':10} {'budget':>7} {'GB':>6} {'rows':>5} {'kept':>5} {'pred GB':>8} {'probe':>15} {'peak GB':>8} "
+        print(f"\n{'method':10} {'budget':>7} {'GB':>6} {'rows':>5} {'kept':>5} {'pred GB':>8} {'probe':>15} {'checks':>6} {'peak GB':>8} "
               f"{'mem ratio':>9} {'tok/s':>8} {'speedup':>8} {'MFU':>6}")
         for r in records:
             for b in r["budgets"]:
@@ -527,7 +527,8 @@ def main(argv=None) -> list[dict]:
                     print(f"{r['method']:10} {b['fraction']:>6.2f}x  {b['error']}")
                     continue
                 print(f"{r['method']:10} {b['fraction']:>6.2f}x {b['budget_gb']:>6.1f} {b['rows']:>5} {b['keep_activations']:>5} "
-                      f"{b['predicted_peak_gb']:>8.2f} {b.get('probe', 'eager'):>15} {b['peak_allocated_gb']:>8.2f} "
+                      f"{b['predicted_peak_gb']:>8.2f} {b.get('probe', 'eager'):>15} {b.get('checked', 0):>6} "
+                      f"{b['peak_allocated_gb']:>8.2f} "
                       f"{b['memory_ratio']:>9.2f} {b['tokens_per_s']:>8.0f} {b['speedup']:>8.2f} {b['mfu']!s:>6}")
     if any(r["unsloth"] for r in records):
         print(f"\n{'method':10} {'variant':25} {'tok/s':>8} {'vs plain':>8} {'ours/it':>8} {'peak GB':>8} "
