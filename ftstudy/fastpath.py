@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ftstudy.errors import UserError
-from ftstudy.loss import compile_head
+from ftstudy.loss import COMPILED_HEAD, compile_head
 from ftstudy.models import causal_lm
 
 
@@ -122,16 +122,25 @@ def compiled_for_probe(model, keep: int = 0, cuda_graphs: bool = False):
     compiled layers keep (a layer that keeps its activations may keep fewer compiled: inductor chooses what to save;
     checkpointed, they measured the same as eager ones on an H200). Leaving resets the
     compiler, CUDA-graph pools included: the probe's shapes would otherwise hold memory and count against the
-    training shapes' recompile limit. The attention and 4-bit linears stay as compile_layers leaves them."""
+    training shapes' recompile limit. The head's softmax is compiled too, as compile_layers compiles it: at a few
+    rows the step's peak is the head's chunk, where the eager softmax makes fp32 copies the compiled one does not.
+    The attention and 4-bit linears stay as compile_layers leaves them."""
     use_grouped_attention(model)
-    layers = causal_lm(model).model.layers
+    lm = causal_lm(model)
+    layers = lm.model.layers
     saved = [(layer.__dict__.get("forward"), getattr(layer, "gradient_checkpointing", False)) for layer in layers]
+    head = lm.__dict__.get(COMPILED_HEAD)
     inductor = {**INDUCTOR, "triton.cudagraphs": cuda_graphs}
     try:
+        compile_head(model)
         for i, layer in enumerate(layers):
             _compile_layer(layer, i < len(layers) - keep, dynamic=False, options=inductor)
         yield
     finally:
+        if head is None:
+            lm.__dict__.pop(COMPILED_HEAD, None)
+        else:
+            setattr(lm, COMPILED_HEAD, head)
         for layer, (forward, flag) in zip(layers, saved, strict=True):
             layer._compiled_call_impl = None
             layer.__dict__.pop("forward", None)

@@ -11,7 +11,7 @@ import torch
 from ftstudy import fastpath, synthetic
 from ftstudy.batches import Collator
 from ftstudy.errors import UserError
-from ftstudy.loss import completion_loss
+from ftstudy.loss import COMPILED_HEAD, completion_loss
 from ftstudy.methods import method_spec
 from ftstudy.models import causal_lm
 from ftstudy.params import Params, ParamsError, default_params, parse_params, to_dict
@@ -202,8 +202,10 @@ def test_the_budget_probe_compiles_the_layers_as_training_would_and_leaves_them_
         model.zero_grad(set_to_none=True)
         with fastpath.compiled_for_probe(model, keep=0 if checkpointed else len(layers)):
             assert all(layer._compiled_call_impl is not None for layer in layers)
+            assert getattr(causal_lm(model), COMPILED_HEAD)  # the head's softmax as training compiles it
             runs[checkpointed] = _loss_grads_saved(model, batch)
         assert all(layer._compiled_call_impl is None and "forward" not in layer.__dict__ for layer in layers)
+        assert not getattr(causal_lm(model), COMPILED_HEAD, False)
         assert all(layer.gradient_checkpointing for layer in layers)
     assert runs[True][0] == pytest.approx(loss, rel=1e-5)
     for n, g in grads.items():
