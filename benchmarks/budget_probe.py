@@ -5,8 +5,8 @@
 
 ``probe``: the method's model as benchmarks/speed.py builds it (random gemma-3-1b weights), every layer checkpointed,
 steps as ``ftstudy.budget.measure`` takes them (``budget.probe_step``), on compiled layers with and
-without CUDA graphs and on eager ones. Per step it prints, in GiB: memory allocated before it, the forward's peak
-and the step's peak above that, and what the step left allocated. ``train``: the same model with its layers compiled
+without CUDA graphs and on eager ones. Per step it prints, in GiB: memory allocated before it, the forward's peak,
+the backward's and the step's above that, and what the step left allocated. ``train``: the same model with its layers compiled
 as the stages compile them (CUDA graphs) and its optimizer, a few steps; per step the memory allocated before it,
 its peak and what it left. The probe's peak at the rows a plan chooses, plus the optimizer state, should be the
 training step's peak.
@@ -48,12 +48,12 @@ def probe(method: str, rows: list[int]) -> None:
 
     def step(n: int) -> tuple[float, ...]:
         taken = probe_step(model, n, SEQ_LEN, GEMMA3_1B["vocab_size"])
-        return tuple(round(taken[k] / GIB, 3) for k in ("before", "forward", "peak", "left"))
+        return tuple(round(taken[k] / GIB, 3) for k in ("before", "forward", "backward", "peak", "left"))
 
     for graphs in (True, False):
         with fastpath.compiled_for_probe(model, 0, graphs):
             for n in rows:
-                print(f"compiled, CUDA graphs {graphs}, {n} rows (before, forward peak, peak, left) per step:",
+                print(f"compiled, CUDA graphs {graphs}, {n} rows (before, forward, backward, peak, left) per step:",
                       [step(n) for _ in range(3)], flush=True)
     for layer in causal_lm(model).model.layers:
         layer.gradient_checkpointing = True

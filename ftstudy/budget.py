@@ -13,9 +13,9 @@ graphs, benchmarks/profile_step.py; docs/gpu-speed.md):
 
 A plan is the (micro-batch, kept layers) pair with the highest rate by that cost model (``rate``) among those the
 memory model predicts within the budget. The memory model is fitted on the method's own model before training
-(forward and backward at 1 and 2 rows with every layer checkpointed, and at 1 row with none): first on eager layers,
-then, where that keeps a faster plan out and the layers train compiled, on compiled ones. The plan it picks is then
-measured whole, and one over the budget corrects the model until a plan measures within it (``plan``).
+(forward and backward at 1 and 2 rows with every layer checkpointed, their peaks apart, and at 1 row with none):
+first on eager layers, then, where that keeps a faster plan out and the layers train compiled, on compiled ones.
+The plan it picks is then measured whole and corrects the model, until a plan measures within the budget (``plan``).
 The peak the run then reaches is recorded beside the prediction (metrics ``memory_plan``): it is checked on every
 run. The rows per optimizer step never change: the budget buys speed, not another training run.
 """
@@ -55,36 +55,49 @@ class Probe:
     grads: int = 0  # gradients held from one micro-step to the next (accumulation)
     checked: tuple[tuple[int, int, float], ...] = ()  # (rows, kept layers, peak above static; inf: out of memory)
     #                                                   at plans measured whole (plan)
+    backward: tuple[int, int] | None = None  # the backward's own peak above static at one and two rows
 
     def peak(self, rows: int, keep: int = 0, accum: int = 1) -> float:
+        """Bytes a micro-step of ``rows`` with the last ``keep`` layers uncheckpointed peaks at, ``accum`` of them
+        a step. Two phases, each linear in the rows: the forward up to the head (whose fused loss makes its
+        gradients there), which kept layers add to, and the backward's recompute of one checkpointed layer at a time
+        on top of every layer's saved input. At one or two rows the head's chunk is the larger; at tens of rows the
+        backward. A shape measured whole is what it measured."""
         held = self.grads if accum > 1 else 0  # a later micro-step's whole peak sits on the gradients summed so far
         measured = {(n, k): b for n, k, b in self.checked}
-        above = measured.get((rows, keep))  # a shape measured whole is what it measured
+        above = measured.get((rows, keep))
         if above is None:
-            above = self._checkpointed(rows) + rows * self._kept() * keep / self.layers
+            above = max(self._forward(rows) + rows * self._kept() * keep / self.layers, self._backward(rows))
         return self.static + held + above
 
-    def _checkpointed(self, rows: int) -> float:
-        """Above static with every layer checkpointed: through the rows measured, straight between them. A step's
-        peak is the highest of its phases' (the head's chunk at one or two rows, a layer's recomputed backward at
-        tens), each linear in the rows, so it bends upwards: a chord errs high, and the last chord carried on errs
-        low, which is why :func:`plan` measures the shape it takes."""
-        points = sorted({1: self.one_row, 2: self.two_rows,
-                         **{n: b for n, k, b in self.checked if k == 0 and b < math.inf}}.items())
-        for (r0, b0), (r1, b1) in zip(points, points[1:], strict=False):
-            if rows <= r1 or r1 == points[-1][0]:
-                return b0 + (rows - r0) * max(b1 - b0, 0) / (r1 - r0)
-        return float(points[0][1])
+    def _forward(self, rows: int) -> float:
+        return _through({1: self.one_row, 2: self.two_rows}, rows)
+
+    def _backward(self, rows: int) -> float:
+        """Through the backward's peaks at one and two rows (the step's, where it was not measured apart) and the
+        plans measured whole since: straight between measured rows, which errs high where the peak bends, and the
+        last chord carried on past them, which errs low, so :func:`plan` measures the shape it takes."""
+        b1, b2 = self.backward or (self.one_row, self.two_rows)
+        return _through({1: b1, 2: b2, **{n: b for n, k, b in self.checked if k == 0 and b < math.inf}}, rows)
 
     def _kept(self) -> float:
         """What a row adds with every layer kept. Measured at one row it includes what a kept layer holds whatever
         the rows (QLoRA on an H200: 2.17 GB for one row with all 26 layers kept, while at 64 rows one kept layer
         trained at no more than none, 6.49 GB against 6.65), so once plans that keep layers have been measured
-        whole, the most any of them implies (all of a plan's excess over the checkpointed rows put on its kept
-        layers) takes its place."""
-        implied = [max(0.0, (b - self._checkpointed(n)) * self.layers / (n * k))
+        whole, the most any of them implies (all of a plan's excess over the forward put on its kept layers) takes
+        its place."""
+        implied = [max(0.0, (b - self._forward(n)) * self.layers / (n * k))
                    for n, k, b in self.checked if k and b < math.inf]
         return max(implied) if implied else float(self.kept or 0)
+
+
+def _through(points: dict[int, float], rows: int) -> float:
+    """The polyline through ``points`` (rows: bytes) at ``rows``, its last segment carried on (never downwards)."""
+    at = sorted(points.items())
+    for (r0, b0), (r1, b1) in zip(at, at[1:], strict=False):
+        if rows <= r1 or r1 == at[-1][0]:
+            return b0 + (rows - r0) * max(b1 - b0, 0) / (r1 - r0)
+    return float(at[0][1])
 
 
 @dataclass(frozen=True)
@@ -156,7 +169,7 @@ def check(budget_gb: float, cuda: bool) -> None:
 def measure(model, spec, seq_len: int, vocab_size: int, compiled: bool = False, cuda_graphs: bool = False) -> Probe:
     """Peak memory of steps of ``model``, eager or with its layers ``compiled`` (:func:`ftstudy.fastpath.compiled_for_probe`;
     compiled layers, which fuse, keep less), replayed as ``cuda_graphs`` or not: one and two rows with every layer
-    checkpointed and, where keeping layers pays, one row with none (:func:`peak_at`). Static memory is read after an
+    checkpointed and, where keeping layers pays, one row with none (:func:`peaks_at`). Static memory is read after an
     untimed first step, so that what a first step allocates for good (workspaces) counts once, in static, and what
     it allocates once and frees (layer-wise GaLore measured more at one row than at two without it) not at all.
 
@@ -175,19 +188,20 @@ def measure(model, spec, seq_len: int, vocab_size: int, compiled: bool = False, 
         held = sum(p.numel() * (1 if spec.eight_bit else 4) * 2 for p in trainable)
     grads = 0 if spec.layerwise else sum(p.numel() * p.element_size() for p in trainable)
     layers = len(causal_lm(model).model.layers)
-    peak_at(model, spec, seq_len, vocab_size, [1])
+    peaks_at(model, spec, seq_len, vocab_size, [1])
     static = torch.cuda.memory_allocated() + held
-    one, two = peak_at(model, spec, seq_len, vocab_size, [1, 2], 0, compiled, cuda_graphs)
-    kept = (max(0, peak_at(model, spec, seq_len, vocab_size, [1], layers, compiled, cuda_graphs)[0] - one)
+    one, two = peaks_at(model, spec, seq_len, vocab_size, [1, 2], 0, compiled, cuda_graphs)
+    kept = (max(0, max(peaks_at(model, spec, seq_len, vocab_size, [1], layers, compiled, cuda_graphs)[0]) - max(one))
             if keeping_pays(spec) else None)
-    return Probe(static, one, two, kept, layers, compiled, cuda_graphs, grads)
+    return Probe(static, max(one), max(two), kept, layers, compiled, cuda_graphs, grads, backward=(one[1], two[1]))
 
 
-def peak_at(model, spec, seq_len: int, vocab_size: int, rows: list[int], keep: int = 0, compiled: bool = False,
-            cuda_graphs: bool = False) -> list[int]:
-    """The peak above what was allocated before it of a step (:func:`probe_step`) for each of ``rows``, with the last
-    ``keep`` layers uncheckpointed, the layers eager or ``compiled`` (then the highest of a shape's first three steps:
-    compiling, CUDA graphs' warm-up and recording, a replay, as a training run goes through them).
+def peaks_at(model, spec, seq_len: int, vocab_size: int, rows: list[int], keep: int = 0, compiled: bool = False,
+             cuda_graphs: bool = False) -> list[tuple[int, int]]:
+    """The peaks above what was allocated before it of a step's forward and of its backward (:func:`probe_step`) for
+    each of ``rows``, with the last ``keep`` layers uncheckpointed, the layers eager or ``compiled`` (then the highest
+    of a shape's first three steps: compiling, CUDA graphs' warm-up and recording, a replay, as a training run goes
+    through them).
 
     Gradients arrive as in training: kept until the step ends, or, for a layer-wise optimizer, dropped as they
     arrive (its hooks consume them). Each step's peak thus holds the gradients that coexist with its activations (in
@@ -196,6 +210,10 @@ def peak_at(model, spec, seq_len: int, vocab_size: int, rows: list[int], keep: i
     left as it was (checkpointing flags, no gradients)."""
     from ftstudy import fastpath
     from ftstudy.models import causal_lm
+
+    def phases(n: int) -> tuple[int, int]:
+        taken = probe_step(model, n, seq_len, vocab_size)
+        return taken["forward"], taken["backward"]
 
     layers = causal_lm(model).model.layers
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -207,9 +225,9 @@ def peak_at(model, spec, seq_len: int, vocab_size: int, rows: list[int], keep: i
         if not compiled:
             for i, layer in enumerate(layers):
                 layer.gradient_checkpointing = i < len(layers) - keep
-            return [probe_step(model, n, seq_len, vocab_size)["peak"] for n in rows]
+            return [phases(n) for n in rows]
         with fastpath.compiled_for_probe(model, keep, cuda_graphs):
-            return [max(probe_step(model, n, seq_len, vocab_size)["peak"] for _ in range(3)) for n in rows]
+            return [tuple(map(max, *(phases(n) for _ in range(3)))) for n in rows]
     finally:
         for h in hooks:
             h.remove()
@@ -221,8 +239,9 @@ def peak_at(model, spec, seq_len: int, vocab_size: int, rows: list[int], keep: i
 
 def probe_step(model, rows: int, seq_len: int, vocab_size: int) -> dict[str, int]:
     """One forward and backward of ``rows`` random rows, their second half labelled, under bf16 autocast: the step
-    :func:`measure` takes. Bytes allocated before it (``before``), the peaks above that of its forward (``forward``)
-    and of the whole step (``peak``), and what it left allocated (``left``)."""
+    :func:`measure` takes. Bytes allocated before it (``before``), the peaks above that of its forward (``forward``;
+    the fused head makes its gradients there), of its backward (``backward``) and of the whole step (``peak``), and
+    what it left allocated (``left``)."""
     from ftstudy.loss import completion_loss
 
     ids = torch.randint(3, vocab_size, (rows, seq_len), device="cuda")
@@ -237,9 +256,11 @@ def probe_step(model, rows: int, seq_len: int, vocab_size: int) -> dict[str, int
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = completion_loss(model, ids, torch.ones_like(ids), labels)
     forward = torch.cuda.max_memory_allocated() - before
+    torch.cuda.reset_peak_memory_stats()  # the backward's own peak from here (what the forward left included)
     loss.backward()
     torch.cuda.synchronize()
-    return {"before": before, "forward": forward, "peak": torch.cuda.max_memory_allocated() - before,
+    backward = torch.cuda.max_memory_allocated() - before
+    return {"before": before, "forward": forward, "backward": backward, "peak": max(forward, backward),
             "left": torch.cuda.memory_allocated() - before}
 
 
@@ -278,7 +299,8 @@ def plan(model, spec, budget_gb: float, rows: int | Sequence[int], accumulate: b
             break  # measured, and still the fastest that fits
         micro, accum, keep = shape(chosen)
         try:
-            [above] = peak_at(model, spec, seq_len, vocab_size, [micro], keep, probe.compiled, probe.cuda_graphs)
+            [phases] = peaks_at(model, spec, seq_len, vocab_size, [micro], keep, probe.compiled, probe.cuda_graphs)
+            above = max(phases)
         except torch.cuda.OutOfMemoryError:  # a shape predicted low can be past the card itself
             above = math.inf
         torch.cuda.empty_cache()  # the failed step's tensors, released with its exception

@@ -93,12 +93,12 @@ def _plan(monkeypatch, budget_gb, compiled, rows=8, graphs=False, bends=0.0, kee
         probe = dataclasses.replace(compiled_probe, cuda_graphs=cuda_graphs) if compiled else PROBE
         return probe if keep_pays else dataclasses.replace(probe, kept=None)
 
-    def peak_at(model, spec, seq_len, vocab_size, rows, keep=0, compiled=False, cuda_graphs=False):
+    def peaks_at(model, spec, seq_len, vocab_size, rows, keep=0, compiled=False, cuda_graphs=False):
         taken.append((rows[0], keep))
-        return [truth(n, keep, compiled) for n in rows]
+        return [(0, truth(n, keep, compiled)) for n in rows]  # (forward, backward): only the step's peak counts
 
     monkeypatch.setattr(budget, "measure", measure)
-    monkeypatch.setattr(budget, "peak_at", peak_at)
+    monkeypatch.setattr(budget, "peaks_at", peaks_at)
     lm = SimpleNamespace(lm_head=None, model=None, config=SimpleNamespace(vocab_size=32))
     return budget.plan(lm, SimpleNamespace(layerwise=False), budget_gb, rows, accumulate, 512, compiled, graphs), taken
 
@@ -175,3 +175,18 @@ def test_a_shape_past_the_card_counts_as_over_the_budget_and_the_next_is_measure
                         card_gb=12)
     # 16 rows: 10.5 GB by the line, 17.5 with the bend, past a 12 GB card; 8 rows: 6.5 + 3 = 9.5
     assert taken == ["eager", (16, 0), (8, 0)] and budget.shape(plan) == (8, 1, 0) and plan.predicted_peak_gb == 9.5
+
+
+def test_measured_apart_the_forward_and_the_backward_each_carry_on_and_kept_layers_add_to_the_forward_only():
+    """At one or two rows a step peaks at the head's chunk (the forward); at tens of rows in the backward, recomputing
+    a layer on top of every layer's saved input. Measured apart at one and two rows, each phase is a line of its
+    own, and the step's peak is the higher: the bend the one line through the step's peaks missed. Kept layers
+    hold their activations through the forward and give them up first in the backward."""
+    probe = budget.Probe(static=1 * GB, one_row=1 * GB, two_rows=int(1.1 * GB), kept=GB // 10, layers=4,
+                         backward=(int(0.3 * GB), int(0.5 * GB)))
+    line = dataclasses.replace(probe, backward=None)  # the step's peaks alone
+    assert probe.peak(2) == pytest.approx(2.1 * GB) == line.peak(2)  # the head's
+    assert probe.peak(16) == pytest.approx(1 * GB + 0.3 * GB + 15 * 0.2 * GB)  # the backward's: 4.3 GB
+    assert line.peak(16) == pytest.approx(1 * GB + 1 * GB + 15 * 0.1 * GB)  # 3.5 GB: the bend missed
+    assert probe.peak(16, keep=1) == probe.peak(16)  # 2.5 + 16 x 0.025 GB in the forward, under the backward's 3.3
+    assert probe.peak(4, keep=4) == pytest.approx(1 * GB + 1.3 * GB + 4 * 0.1 * GB)  # in the forward, on top
