@@ -274,9 +274,10 @@ def plan(model, spec, budget_gb: float, rows: int | Sequence[int], accumulate: b
     benchmarks/results/budget_probe_h200.txt). A compiled probe costs a compile per probed shape, so it runs only
     where it can pay.
 
-    One and two rows do not tell how the peak grows at tens (``Probe._checkpointed``: on an H200 the probe's
-    4.57 GB for 64 QLoRA rows trained at 6.66), and one row with every layer kept does not tell what a kept layer
-    holds at tens (``Probe._kept``), so the chosen shape is then measured as the probe measures (one step;
+    One and two rows need not tell how the peak grows at tens (``Probe._backward``: on an H200 one line through the
+    step's peaks at 1 and 2 rows gave 4.57 GB for 64 QLoRA rows, which trained at 6.66), and one row with every
+    layer kept does not tell what a kept layer holds at tens (``Probe._kept``), so the chosen shape is then measured
+    as the probe measures (one step;
     compiled, three) and becomes a point of the model, which chooses again: a shape over the budget is refused, and
     one that measured less than predicted can make room for a faster one, measured in its turn. It ends at a shape
     measured within the budget and still the fastest predicted, or after ``CHECKS`` shapes at the fastest of those
