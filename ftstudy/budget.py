@@ -156,7 +156,8 @@ def shape(plan: MemoryPlan) -> tuple[int, int, int]:
 
 def fastest(probe: Probe, budget_gb: float, rows: int | Sequence[int], accumulate: bool, seq_len: int) -> MemoryPlan:
     """The plan :func:`choose` would pick if activations took no memory (the static part still has to fit)."""
-    free = dataclasses.replace(probe, one_row=0, two_rows=0, kept=None if probe.kept is None else 0, checked=())
+    free = dataclasses.replace(probe, one_row=0, two_rows=0, kept=None if probe.kept is None else 0, checked=(),
+                               backward=None)
     return choose(free, budget_gb, rows, accumulate, seq_len)
 
 

@@ -190,3 +190,5 @@ def test_measured_apart_the_forward_and_the_backward_each_carry_on_and_kept_laye
     assert line.peak(16) == pytest.approx(1 * GB + 1 * GB + 15 * 0.1 * GB)  # 3.5 GB: the bend missed
     assert probe.peak(16, keep=1) == probe.peak(16)  # 2.5 + 16 x 0.025 GB in the forward, under the backward's 3.3
     assert probe.peak(4, keep=4) == pytest.approx(1 * GB + 1.3 * GB + 4 * 0.1 * GB)  # in the forward, on top
+    free = budget.fastest(probe, 2 / budget.MARGIN, 8, True, 512)  # as if activations took no memory, either phase
+    assert budget.shape(free) == (8, 1, 4) and free.predicted_peak_gb == 1.0
