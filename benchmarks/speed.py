@@ -483,7 +483,8 @@ def main(argv=None) -> list[dict]:
                 rec["budgets"].append({
                     "fraction": fraction, "budget_gb": plan["budget_gb"], "rows": plan["micro_batch"],
                     "keep_activations": plan["keep_activations"],
-                    "predicted_peak_gb": plan["predicted_peak_gb"], "probe": plan["probe"], "checked": plan["checked"],
+                    "predicted_peak_gb": plan["predicted_peak_gb"], "probe": plan["probe"],
+                    "checks": plan["checks"],
                     "peak_allocated_gb": b["peak_allocated_gb"],
                     "within_budget": b["peak_allocated_gb"] <= plan["budget_gb"],
                     "memory_ratio": round(b["peak_allocated_gb"] / base["peak_allocated_gb"], 3),
@@ -527,7 +528,7 @@ def main(argv=None) -> list[dict]:
                     print(f"{r['method']:10} {b['fraction']:>6.2f}x  {b['error']}")
                     continue
                 print(f"{r['method']:10} {b['fraction']:>6.2f}x {b['budget_gb']:>6.1f} {b['rows']:>5} {b['keep_activations']:>5} "
-                      f"{b['predicted_peak_gb']:>8.2f} {b.get('probe', 'eager'):>15} {b.get('checked', 0):>6} "
+                      f"{b['predicted_peak_gb']:>8.2f} {b.get('probe', 'eager'):>15} {len(b.get('checks', ())):>6} "
                       f"{b['peak_allocated_gb']:>8.2f} "
                       f"{b['memory_ratio']:>9.2f} {b['tokens_per_s']:>8.0f} {b['speedup']:>8.2f} {b['mfu']!s:>6}")
     if any(r["unsloth"] for r in records):

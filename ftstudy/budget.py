@@ -108,7 +108,9 @@ class MemoryPlan:
     keep_activations: int
     predicted_peak_gb: float
     probe: str = "eager"  # what the prediction was measured on: "eager", "compiled" or "compiled+graphs" layers
-    checked: int = 0  # shapes plan() measured whole, this one among them: its prediction is its own measurement
+    # The shapes plan() measured whole, in order, this one among them (its prediction is its measurement):
+    # (micro-batch, kept layers, GB one micro-step peaked at; None: out of memory)
+    checks: tuple[tuple[int, int, float | None], ...] = ()
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -315,4 +317,5 @@ def plan(model, spec, budget_gb: float, rows: int | Sequence[int], accumulate: b
         chosen = choose(probe, budget_gb, rows, accumulate, seq_len, measured_only=True)
     print(f"memory budget {budget_gb:g} GB, probe {asdict(probe)}", file=sys.stderr, flush=True)
     kind = ("compiled+graphs" if probe.cuda_graphs else "compiled") if probe.compiled else "eager"
-    return dataclasses.replace(chosen, probe=kind, checked=len(probe.checked))
+    checks = tuple((n, k, round((probe.static + b) / 2**30, 3) if b < math.inf else None) for n, k, b in probe.checked)
+    return dataclasses.replace(chosen, probe=kind, checks=checks)

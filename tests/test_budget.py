@@ -110,7 +110,7 @@ def test_compiled_layers_are_probed_only_where_the_eager_probe_keeps_a_faster_pl
     assert taken == ["eager", "compiled+graphs", (8, 4)] and plan.probe == "compiled+graphs"
     assert budget.shape(plan) == (8, 1, 4) and plan.predicted_peak_gb == 6.5  # 2 + 0.5 + 8 x (0.25 + 0.25)
     plan, taken = _plan(monkeypatch, 10.5 / budget.MARGIN, compiled=False)  # layers left eager: the eager probe's plan
-    assert taken == ["eager", (8, 2)] and budget.shape(plan) == (8, 1, 2) and plan.checked == 1
+    assert taken == ["eager", (8, 2)] and budget.shape(plan) == (8, 1, 2) and plan.checks == ((8, 2, 10.5),)
 
 
 def test_a_budget_only_compiled_layers_fit_gets_their_plan_and_one_nothing_fits_names_the_fix(monkeypatch):
@@ -149,7 +149,8 @@ def test_a_plan_over_the_budget_by_measurement_is_not_taken_the_next_one_that_me
     line missed the peak's bend. Here each row past two costs 0.25 GB more than the line says."""
     plan, taken = _plan(monkeypatch, 7 / budget.MARGIN, compiled=False, rows=8, bends=0.25, keep_pays=False)
     # the line: 8 rows in 6.5 GB; measured 8. On the chord from 2 rows to that point, 4 rows twice: 2 + 1.5 + 2 x 0.75
-    assert taken == ["eager", (8, 0), (4, 0)] and budget.shape(plan) == (4, 2, 0) and plan.checked == 2
+    assert taken == ["eager", (8, 0), (4, 0)] and budget.shape(plan) == (4, 2, 0)
+    assert plan.checks == ((8, 0, 8.0), (4, 0, 5.0))  # what the run's metrics record (memory_plan)
     assert plan.predicted_peak_gb == 5.0 == PROBE.peak(4) / GB + 0.25 * 2  # what 4 rows measured
 
 
@@ -164,7 +165,7 @@ def test_a_plan_that_measured_less_than_predicted_makes_room_for_a_faster_one_me
     9.66 GB, measured 6.49, one layer kept where more fitted). Here kept layers hold half what the probe says."""
     plan, taken = _plan(monkeypatch, 8.5 / budget.MARGIN, compiled=False, kept_share=0.5)
     # the probe: 8 rows and 1 kept layer (6.5 + 2 = 8.5 GB); measured 7.5, so 8 rows and 2 kept (8.5) measured in turn
-    assert taken == ["eager", (8, 1), (8, 2)] and budget.shape(plan) == (8, 1, 2) and plan.checked == 2
+    assert taken == ["eager", (8, 1), (8, 2)] and budget.shape(plan) == (8, 1, 2) and len(plan.checks) == 2
     assert plan.predicted_peak_gb == 8.5 and plan.probe == "eager"
 
 
@@ -175,6 +176,7 @@ def test_a_shape_past_the_card_counts_as_over_the_budget_and_the_next_is_measure
                         card_gb=12)
     # 16 rows: 10.5 GB by the line, 17.5 with the bend, past a 12 GB card; 8 rows: 6.5 + 3 = 9.5
     assert taken == ["eager", (16, 0), (8, 0)] and budget.shape(plan) == (8, 1, 0) and plan.predicted_peak_gb == 9.5
+    assert plan.checks == ((16, 0, None), (8, 0, 9.5))  # JSON has no infinity: the metrics say None
 
 
 def test_measured_apart_the_forward_and_the_backward_each_carry_on_and_kept_layers_add_to_the_forward_only():
