@@ -48,6 +48,7 @@ class Probe:
     static: int    # allocated before the step (weights, quantization state) + optimizer state
     one_row: int   # the step's peak above static with one row, every layer checkpointed, its gradients included
     two_rows: int  # and with two
+    backward: tuple[int, int] | None = None  # the backward's own peak above static at one and two rows
     kept: int | None = None  # what one row adds with no layer checkpointed; None: keeping layers does not pay
     layers: int = 1
     compiled: bool = False  # measured on compiled layers (else eager ones)
@@ -55,7 +56,6 @@ class Probe:
     grads: int = 0  # gradients held from one micro-step to the next (accumulation)
     checked: tuple[tuple[int, int, float], ...] = ()  # (rows, kept layers, peak above static; inf: out of memory)
     #                                                   at plans measured whole (plan)
-    backward: tuple[int, int] | None = None  # the backward's own peak above static at one and two rows
 
     def peak(self, rows: int, keep: int = 0, accum: int = 1) -> float:
         """Bytes a micro-step of ``rows`` with the last ``keep`` layers uncheckpointed peaks at, ``accum`` of them
@@ -196,7 +196,8 @@ def measure(model, spec, seq_len: int, vocab_size: int, compiled: bool = False, 
     one, two = peaks_at(model, spec, seq_len, vocab_size, [1, 2], 0, compiled, cuda_graphs)
     kept = (max(0, max(peaks_at(model, spec, seq_len, vocab_size, [1], layers, compiled, cuda_graphs)[0]) - max(one))
             if keeping_pays(spec) else None)
-    return Probe(static, max(one), max(two), kept, layers, compiled, cuda_graphs, grads, backward=(one[1], two[1]))
+    return Probe(static=static, one_row=max(one), two_rows=max(two), backward=(one[1], two[1]), kept=kept, layers=layers,
+                 compiled=compiled, cuda_graphs=cuda_graphs, grads=grads)
 
 
 def peaks_at(model, spec, seq_len: int, vocab_size: int, rows: list[int], keep: int = 0, compiled: bool = False,
