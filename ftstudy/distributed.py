@@ -137,6 +137,13 @@ def main_first():
         barrier()
 
 
+def agree(obj):
+    """The main worker's ``obj`` on every worker (``obj`` itself in a single process): for what each worker measures
+    on its own card but all must share, such as the memory budget's plan (DDP's workers step in lockstep, so one
+    worker on other micro-batches would hang the rest)."""
+    return gather(obj)[0]
+
+
 def gather(obj) -> list:
     """``obj`` from every worker, in rank order (just [obj] in a single process)."""
     if not torch.distributed.is_initialized():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ftstudy import budget, fastpath
+from ftstudy import budget, distributed, fastpath
 from ftstudy.errors import UserError
 from ftstudy.methods import MethodSpec
 from ftstudy.models import causal_lm, compute_dtype, merged_model
@@ -87,6 +87,7 @@ def prepare_model(spec: MethodSpec, params: Params, base_dir: Path,
                            accumulate=not spec.layerwise and t.cuda_graphs != "on",  # see graphs below
                            seq_len=t.max_seq_len, compiled=fastpath.wanted(compile, cuda),
                            cuda_graphs=fastpath.wanted(t.cuda_graphs, cuda))  # off again below if it accumulates
+        plan = distributed.agree(plan)  # measured on each card, taken from the main worker's
         keep, accum = plan.keep_activations, plan.grad_accum
     if (t.gradient_checkpointing or planned) and not t.fsdp:  # FSDP checkpoints with its own wrapper
         enable_checkpointing(model, keep)

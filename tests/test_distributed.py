@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from test_training import _records
 
 from ftstudy import distributed
@@ -60,6 +61,26 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _agreeing_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    distributed.init(cuda=False)
+    try:  # each worker measured its own plan; all train the main worker's
+        got = distributed.agree({"rank": rank, "micro_batch": 8 >> rank})
+        Path(out, f"{rank}.json").write_text(json.dumps(got))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_workers_take_the_main_workers_memory_plan(tmp_path):
+    """A memory budget is measured on every worker's card, and two measurements can fall either side of a limit;
+    DDP's workers step in lockstep, so all train the main worker's plan (ftstudy.prepare)."""
+    torch.multiprocessing.spawn(_agreeing_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    got = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    assert got == [{"rank": 0, "micro_batch": 8}] * 2
+    assert distributed.agree("alone") == "alone"  # one process: its own
 
 
 def test_two_machines_meet_at_the_endpoint_and_train_like_one_process(tmp_path, tiny_model_dir):
