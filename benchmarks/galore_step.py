@@ -31,21 +31,34 @@ def main() -> dict:
     return rec
 
 
+def _on_the_projects_basis():
+    """galore-torch's 8-bit optimizer with the project's projector, as the training stages and tests/test_galore.py
+    run it: galore-torch's own full-SVD basis fixes the singular vectors' signs (and, where singular values nearly
+    tie, their rotation) another way, which Adam's per-coordinate moments do not undo."""
+    import galore_torch.adamw8bit
+
+    from ftstudy.galore import _projector_class
+
+    return mock.patch.object(galore_torch.adamw8bit, "GaLoreProjector", _projector_class())
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 SHAPES = [(1024, 1152), (256, 1152), (1152, 1024), (6912, 1152), (1152, 6912)]  # gemma-3-1b's projected weights
 
 
 def single(steps: int = 8, device: str = "cuda", shapes: list[tuple[int, int]] = SHAPES) -> dict:
     """Part 1 (above), on ``device``, with ``shapes`` in place of gemma-3-1b's (the tests run it small on the CPU).
-    galore-torch's step takes the project's projector too: its own full-SVD basis fixes the singular vectors' signs
-    (and, where singular values nearly tie, their rotation) another way, which Adam's per-coordinate moments do not
-    undo (up to 0.0015 apart after 8 steps on an H200); what remains to compare is the update."""
+    galore-torch's step takes the project's projector too (on its own basis the copies ended up to 0.0015 apart
+    after 8 steps on an H200): what remains to compare is the update."""
     import galore_torch
-    import galore_torch.adamw8bit
 
-    from ftstudy.galore import _projector_class, adamw_8bit_class, galore_8bit_step
+    from ftstudy.galore import adamw_8bit_class, galore_8bit_step
 
     original = galore_torch.GaLoreAdamW8bit.step
-    cuda = device == "cuda"
     torch.manual_seed(0)
     init = [(torch.randn(s) * 0.02).to(device, torch.bfloat16) for s in shapes]
     norm0 = torch.ones(shapes[0][1], device=device, dtype=torch.bfloat16)
@@ -58,18 +71,17 @@ def single(steps: int = 8, device: str = "cuda", shapes: list[tuple[int, int]] =
         copies.append((ws + [norm], opt))
     times = {"galore_torch": [], "project": []}
     moved = {"galore_torch": 0, "project": 0}
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    with mock.patch.object(galore_torch.adamw8bit, "GaLoreProjector", _projector_class()):
+    with _on_the_projects_basis():
         for step in range(steps):
             grads = [torch.randn_like(p) * 0.01 for p in copies[0][0]]
             for (params, opt), name, fn in zip(copies, times, (original, galore_8bit_step), strict=True):
                 ptrs = [p.data_ptr() for p in params]
                 for p, g in zip(params, grads, strict=True):
                     p.grad = g.clone()
-                sync()
+                _sync(device)
                 t0 = time.perf_counter()
                 fn(opt)
-                sync()
+                _sync(device)
                 if step >= 2:
                     times[name].append(time.perf_counter() - t0)
                 moved[name] += sum(p.data_ptr() != q for p, q in zip(params, ptrs, strict=True))
@@ -84,16 +96,13 @@ def layerwise(steps: int = 6, device: str = "cuda", widths: dict | None = None) 
     run it small on the CPU)."""
     # transformers builds its layer-wise optimizers from galore-torch's class, looked up by name: the reference takes
     # the project's subclass (bitsandbytes' arguments bound by name; galore-torch's own leaves every 32-bit-state
-    # weight, Gemma's norms, untrained under bitsandbytes 0.50) and its projector (its basis, which fixes the
-    # singular vectors' signs its own way): what remains to compare is the layer-wise batching, as in
-    # tests/test_galore.py.
+    # weight, Gemma's norms, untrained under bitsandbytes 0.50) on the project's basis: what remains to compare is
+    # the layer-wise batching, as in tests/test_galore.py.
     import galore_torch
-    import galore_torch.adamw8bit
 
-    from ftstudy.galore import _projector_class, adamw_8bit_class
+    from ftstudy.galore import adamw_8bit_class
 
-    with (mock.patch.object(galore_torch, "GaLoreAdamW8bit", adamw_8bit_class()),
-          mock.patch.object(galore_torch.adamw8bit, "GaLoreProjector", _projector_class())):
+    with mock.patch.object(galore_torch, "GaLoreAdamW8bit", adamw_8bit_class()), _on_the_projects_basis():
         return _layerwise(steps, device, widths or {})
 
 
@@ -139,8 +148,7 @@ def _layerwise(steps: int, device: str, widths: dict) -> dict:
             else:
                 for o in opt.optimizer_dict.values():
                     o.param_groups[0]["lr"] = rates[step]
-            if cuda:
-                torch.cuda.synchronize()
+            _sync(device)
             t0 = time.perf_counter()
             with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
                 loss = model(input_ids=ids, labels=ids).loss
@@ -149,8 +157,7 @@ def _layerwise(steps: int, device: str, widths: dict) -> dict:
             if name == "project":
                 trainer.lr_scheduler.step()
             opt.zero_grad()
-            if cuda:
-                torch.cuda.synchronize()
+            _sync(device)
             took.append(time.perf_counter() - t0)
         times[name] = round(statistics.median(took[2:]) * 1000, 1)
         models.append(model)

@@ -57,6 +57,11 @@ class Probe:
     checked: tuple[tuple[int, int, float], ...] = ()  # (rows, kept layers, peak above static; inf: out of memory)
     #                                                   at plans measured whole (plan)
 
+    @property
+    def checked_shapes(self) -> set[tuple[int, int]]:
+        """(rows, kept layers) of the plans measured whole."""
+        return {(n, k) for n, k, _ in self.checked}
+
     def peak(self, rows: int, keep: int = 0, accum: int = 1) -> float:
         """Bytes a micro-step of ``rows`` with the last ``keep`` layers uncheckpointed peaks at, ``accum`` of them
         a step. Two phases, each linear in the rows: the forward up to the head (whose fused loss makes its
@@ -92,7 +97,8 @@ class Probe:
 
 
 def _through(points: dict[int, float], rows: int) -> float:
-    """The polyline through ``points`` (rows: bytes) at ``rows``, its last segment carried on (never downwards)."""
+    """The polyline through ``points`` (rows: bytes) at ``rows``, its last segment carried on. A segment never runs
+    downwards: where a later point measured less (noise), it stays at the earlier one's bytes."""
     at = sorted(points.items())
     for (r0, b0), (r1, b1) in zip(at, at[1:], strict=False):
         if rows <= r1 or r1 == at[-1][0]:
@@ -136,7 +142,7 @@ def choose(probe: Probe, budget_gb: float, rows: int | Sequence[int], accumulate
     backward; CUDA graphs forced on cannot accumulate). Layers keep their activations only where the probe
     measured what that costs (``keeping_pays``). ``measured_only``: among the shapes ``probe`` has checked."""
     limit = budget_gb * 2**30 * MARGIN
-    measured = {(n, k) for n, k, _ in probe.checked}
+    measured = probe.checked_shapes
     options = [rows] if isinstance(rows, int) else list(rows)
     keeps = range(probe.layers + 1) if probe.kept is not None else [0]
     fits = [(rate(m, n // m, k, probe.layers, seq_len), -n // m, m, n // m, k)
@@ -281,11 +287,10 @@ def plan(model, spec, budget_gb: float, rows: int | Sequence[int], accumulate: b
     One and two rows need not tell how the peak grows at tens (``Probe._backward``: on an H200 one line through the
     step's peaks at 1 and 2 rows gave 4.57 GB for 64 QLoRA rows, which trained at 6.66), and one row with every
     layer kept does not tell what a kept layer holds at tens (``Probe._kept``), so the chosen shape is then measured
-    as the probe measures (one step;
-    compiled, three) and becomes a point of the model, which chooses again: a shape over the budget is refused, and
-    one that measured less than predicted can make room for a faster one, measured in its turn. It ends at a shape
-    measured within the budget and still the fastest predicted, or after ``CHECKS`` shapes at the fastest of those
-    measured within it."""
+    as the probe measures (one step; compiled, three) and becomes a point of the model, which chooses again: a shape
+    over the budget is refused, and one that measured less than predicted can make room for a faster one, measured
+    in its turn. It ends at a shape measured within the budget and still the fastest predicted, or after ``CHECKS``
+    shapes at the fastest of those measured within it."""
     from ftstudy.models import causal_lm
 
     vocab_size = causal_lm(model).config.vocab_size
@@ -300,9 +305,9 @@ def plan(model, spec, budget_gb: float, rows: int | Sequence[int], accumulate: b
         probe = measure(model, spec, seq_len, vocab_size, compiled=True, cuda_graphs=cuda_graphs)
         chosen = choose(probe, budget_gb, rows, accumulate, seq_len)
     for _ in range(CHECKS):
-        if (shape(chosen)[0], shape(chosen)[2]) in {(n, k) for n, k, _ in probe.checked}:
-            break  # measured, and still the fastest that fits
         micro, accum, keep = shape(chosen)
+        if (micro, keep) in probe.checked_shapes:
+            break  # measured, and still the fastest that fits
         try:
             [phases] = peaks_at(model, spec, seq_len, vocab_size, [micro], keep, probe.compiled, probe.cuda_graphs)
             above = max(phases)
