@@ -7,9 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-spec = importlib.util.spec_from_file_location("speed", Path(__file__).parents[1] / "benchmarks/speed.py")
-speed = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(speed)
+
+def _benchmark(name: str):
+    """benchmarks/<name>.py, loaded afresh (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", Path(__file__).parents[1] / f"benchmarks/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+speed = _benchmark("speed")
 
 
 def test_tiny_benchmark_losses_agree_with_the_baseline(tmp_path):
@@ -31,10 +38,7 @@ def test_tiny_benchmark_losses_agree_with_the_baseline(tmp_path):
 
 
 def test_tiny_generation_benchmark_runs_the_evaluate_path(tmp_path):
-    gspec = importlib.util.spec_from_file_location("generation_bench",
-                                                   Path(__file__).parents[1] / "benchmarks/generation.py")
-    gen = importlib.util.module_from_spec(gspec)
-    gspec.loader.exec_module(gen)
+    gen = _benchmark("generation")
     out = tmp_path / "gen.json"
     records = gen.main(["--arch", "tiny", "--prompts", "12", "--max-new-tokens", "4", "--batch-size", "6",
                         "--rerank-k", "3", "--out", str(out)])
@@ -48,9 +52,7 @@ def test_tiny_generation_benchmark_runs_the_evaluate_path(tmp_path):
 def test_speed_counts_model_flops_per_token_as_written_down():
     """A hand count on a toy shape: weights 40 a layer (q, k, v, o 4 each; gate, up, down 8 each), attention over
     a mean context of 2, a head of 2 x 10 at half the tokens."""
-    sspec = importlib.util.spec_from_file_location("speed_bench", Path(__file__).parents[1] / "benchmarks/speed.py")
-    speed = importlib.util.module_from_spec(sspec)
-    sspec.loader.exec_module(speed)
+    speed = _benchmark("speed")
     arch = dict(vocab_size=10, hidden_size=2, intermediate_size=4, num_hidden_layers=1, num_attention_heads=1,
                 num_key_value_heads=1, head_dim=2)
     # full: forward 80 + attention 16; backward 80 + 32 + weight gradients 80; head 10 x 3 passes x 2.
@@ -67,9 +69,7 @@ def test_pipeline_extrapolates_trainings_sweeps_and_full_rows_to_the_study(tmp_p
     from ftstudy.atomic import read_json, write_json
     from ftstudy.params import default_params
 
-    pspec = importlib.util.spec_from_file_location("pipeline_bench", Path(__file__).parents[1] / "benchmarks/pipeline.py")
-    pipeline = importlib.util.module_from_spec(pspec)
-    pspec.loader.exec_module(pipeline)
+    pipeline = _benchmark("pipeline")
     monkeypatch.chdir(tmp_path)
     # 10 steps of 400 tokens at 1,000 tokens/s steady, the first step 5 s more, two checkpoints 1.5 s each, 2 s of
     # loading and saving
@@ -121,9 +121,7 @@ def test_pipeline_fills_stages_a_lost_machine_never_ran_from_an_earlier_result(t
     """--fill-from: stages missing from the log are not run but taken from an earlier result, and named as such."""
     from ftstudy.atomic import read_json, write_json
 
-    pspec = importlib.util.spec_from_file_location("pipeline_bench", Path(__file__).parents[1] / "benchmarks/pipeline.py")
-    pipeline = importlib.util.module_from_spec(pspec)
-    pspec.loader.exec_module(pipeline)
+    pipeline = _benchmark("pipeline")
     log = tmp_path / "timings.jsonl"
     log.write_text(json.dumps({"stage": "fetch_data", "wall_s": 3.0, "ran": True, "gpu": "G", "versions": {}}) + "\n")
     write_json(tmp_path / "earlier.json", {"stages": {"report": {"measured_wall_s": 10.0}}})
@@ -141,10 +139,7 @@ def test_compiled_layers_of_gemma_3_1b_give_the_uncompiled_gradients_on_cpu(tmp_
     """benchmarks/compiled_grads.py on one layer of the real architecture, two padded widths: every weight's
     gradient within 5 % of the uncompiled model's at each call (inductor's defaults with eager attention gave
     NaN here; on an H200 the same check found the fault behind GaLore's divergence)."""
-    cspec = importlib.util.spec_from_file_location("compiled_grads",
-                                                   Path(__file__).parents[1] / "benchmarks/compiled_grads.py")
-    cg = importlib.util.module_from_spec(cspec)
-    cspec.loader.exec_module(cg)
+    cg = _benchmark("compiled_grads")
     out = tmp_path / "grads.json"
     results = cg.main(["--layers", "1", "--rows", "2", "--calls", "2", "--variants", "compiled", "--out", str(out)])
     assert out.exists() and results["clear"] and [row["width"] for row in results["compiled"]] == [128, 256]
@@ -157,10 +152,7 @@ def test_compiled_layers_give_a_lora_adapter_the_uncompiled_gradients_on_cpu(tmp
     """The same check for a LoRA method's model (wide LoRA, as the stages build it, B drawn non-zero): every adapter
     weight's gradient within 5 %. Each variant builds its model anew, so the adapter's initialisation must be seeded
     alike (unseeded, A differed from the reference's and 10-30 % of the weights read as off, on a GPU too)."""
-    cspec = importlib.util.spec_from_file_location("compiled_grads",
-                                                   Path(__file__).parents[1] / "benchmarks/compiled_grads.py")
-    cg = importlib.util.module_from_spec(cspec)
-    cspec.loader.exec_module(cg)
+    cg = _benchmark("compiled_grads")
     results = cg.main(["--method", "lora_wide", "--layers", "1", "--rows", "2", "--calls", "2", "--seq-len", "128",
                        "--variants", "compiled"])
     assert results["clear"] and results["method"] == "lora_wide"
@@ -170,20 +162,13 @@ def test_compiled_layers_give_a_lora_adapter_the_uncompiled_gradients_on_cpu(tmp
         assert all("lora_" in name for name in row["worst"])  # the adapter's weights, not the frozen base's
 
 
-def _galore_step():
-    gspec = importlib.util.spec_from_file_location("galore_step", Path(__file__).parents[1] / "benchmarks/galore_step.py")
-    gs = importlib.util.module_from_spec(gspec)
-    gspec.loader.exec_module(gs)
-    return gs
-
-
 def test_galore_steps_single_step_reference_is_galore_torchs_update_on_the_projects_basis(monkeypatch):
     """benchmarks/galore_step.py's first part, small, on the CPU: galore-torch's 8-bit step and the project's leave
     the same bf16 weights, the project's in their storage. On its own full-SVD basis galore-torch's step ended up to
     0.0015 apart on an H200: the basis, not the update, so the reference takes the project's projector.
     galore-torch's step syncs the device, a no-op here."""
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
-    result = _galore_step().single(steps=6, device="cpu", shapes=[(64, 96), (96, 64)])
+    result = _benchmark("galore_step").single(steps=6, device="cpu", shapes=[(64, 96), (96, 64)])
     assert result["max_abs_diff"] == 0 and result["max_abs_change"] > 0
     assert result["weights_moved"]["project"] == 0 and result["weights_moved"]["galore_torch"] > 0
 
@@ -192,6 +177,7 @@ def test_galore_steps_reference_is_transformers_layerwise_galore_on_the_projects
     """benchmarks/galore_step.py's layer-wise comparison, small, on the CPU: the project's optimizer and transformers'
     equal bit for bit, as tests/test_galore.py finds. Its reference once drifted to galore-torch's own class and
     projector (weights up to 0.026 apart on an H200, every one differing): the comparison must stay like for like."""
-    result = _galore_step().layerwise(steps=4, device="cpu", widths={"hidden_size": 128, "intermediate_size": 256, "head_dim": 32})
+    widths = {"hidden_size": 128, "intermediate_size": 256, "head_dim": 32}
+    result = _benchmark("galore_step").layerwise(steps=4, device="cpu", widths=widths)
     assert result["control_max_abs_diff"] == 0 and result["max_abs_change"] > 0
     assert result["max_abs_diff"] == 0 and not result["params_differing"], result["params_differing"]
