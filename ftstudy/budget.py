@@ -49,18 +49,19 @@ class Probe:
     one_row: int   # the step's peak above static with one row, every layer checkpointed, its gradients included
     two_rows: int  # and with two
     backward: tuple[int, int] | None = None  # the backward's own peak above static at one and two rows
+    forward: tuple[int, int] | None = None  # and the forward's
     kept: int | None = None  # what one row adds with no layer checkpointed; None: keeping layers does not pay
     layers: int = 1
     compiled: bool = False  # measured on compiled layers (else eager ones)
     cuda_graphs: bool = False  # replayed as CUDA graphs
     grads: int = 0  # gradients held from one micro-step to the next (accumulation)
-    checked: tuple[tuple[int, int, float], ...] = ()  # (rows, kept layers, peak above static; inf: out of memory)
-    #                                                   at plans measured whole (plan)
+    # (rows, kept layers, the step's peak above static, its forward's; inf: out of memory) of plans measured whole
+    checked: tuple[tuple[int, int, float, float], ...] = ()
 
     @property
     def checked_shapes(self) -> set[tuple[int, int]]:
         """(rows, kept layers) of the plans measured whole."""
-        return {(n, k) for n, k, _ in self.checked}
+        return {(n, k) for n, k, _, _ in self.checked}
 
     def peak(self, rows: int, keep: int = 0, accum: int = 1) -> float:
         """Bytes a micro-step of ``rows`` with the last ``keep`` layers uncheckpointed peaks at, ``accum`` of them
@@ -69,30 +70,35 @@ class Probe:
         on top of every layer's saved input. At one or two rows the head's chunk is the larger; at tens of rows the
         backward. A shape measured whole is what it measured."""
         held = self.grads if accum > 1 else 0  # a later micro-step's whole peak sits on the gradients summed so far
-        measured = {(n, k): b for n, k, b in self.checked}
+        measured = {(n, k): b for n, k, b, _ in self.checked}
         above = measured.get((rows, keep))
         if above is None:
             above = max(self._forward(rows) + rows * self._kept() * keep / self.layers, self._backward(rows))
         return self.static + held + above
 
     def _forward(self, rows: int) -> float:
-        return _through({1: self.one_row, 2: self.two_rows}, rows)
+        """Through the forward's peaks at one and two rows and at the plans measured whole that keep no layer (the
+        step's peaks, where the forward was not measured apart), as :meth:`_backward` draws its line."""
+        f1, f2 = self.forward or (self.one_row, self.two_rows)
+        return _through({1: f1, 2: f2, **{n: f for n, k, _, f in self.checked if k == 0 and f < math.inf}}, rows)
 
     def _backward(self, rows: int) -> float:
         """Through the backward's peaks at one and two rows (the step's, where it was not measured apart) and the
         plans measured whole since: straight between measured rows, which errs high where the peak bends, and the
         last chord carried on past them, which errs low, so :func:`plan` measures the shape it takes."""
         b1, b2 = self.backward or (self.one_row, self.two_rows)
-        return _through({1: b1, 2: b2, **{n: b for n, k, b in self.checked if k == 0 and b < math.inf}}, rows)
+        return _through({1: b1, 2: b2, **{n: b for n, k, b, _ in self.checked if k == 0 and b < math.inf}}, rows)
 
     def _kept(self) -> float:
         """What a row adds with every layer kept. Measured at one row it includes what a kept layer holds whatever
         the rows (QLoRA on an H200: 2.17 GB for one row with all 26 layers kept, while at 64 rows one kept layer
         trained at no more than none, 6.49 GB against 6.65), so once plans that keep layers have been measured
-        whole, the most any of them implies (all of a plan's excess over the forward put on its kept layers) takes
-        its place."""
-        implied = [max(0.0, (b - self._forward(n)) * self.layers / (n * k))
-                   for n, k, b in self.checked if k and b < math.inf]
+        whole, the most any of them implies takes its place: all of its forward's excess over the forward's line put
+        on its kept layers. The forward's, not the step's: where the backward is the step's peak (wide LoRA on an
+        H200, whose adapter gradients arrive there), two kept layers at 8 rows raised the step's peak by a fifth
+        of what they hold, and the twelve kept next measured 7.04 GB where that fifth predicted 4.80."""
+        implied = [max(0.0, (f - self._forward(n)) * self.layers / (n * k))
+                   for n, k, _, f in self.checked if k and f < math.inf]
         return max(implied) if implied else float(self.kept or 0)
 
 
@@ -165,7 +171,7 @@ def shape(plan: MemoryPlan) -> tuple[int, int, int]:
 def fastest(probe: Probe, budget_gb: float, rows: int | Sequence[int], accumulate: bool, seq_len: int) -> MemoryPlan:
     """The plan :func:`choose` would pick if activations took no memory (the static part still has to fit)."""
     free = dataclasses.replace(probe, one_row=0, two_rows=0, kept=None if probe.kept is None else 0, checked=(),
-                               backward=None)
+                               backward=None, forward=None)
     return choose(free, budget_gb, rows, accumulate, seq_len)
 
 
@@ -202,8 +208,8 @@ def measure(model, spec, seq_len: int, vocab_size: int, compiled: bool = False, 
     one, two = peaks_at(model, spec, seq_len, vocab_size, [1, 2], 0, compiled, cuda_graphs)
     kept = (max(0, max(peaks_at(model, spec, seq_len, vocab_size, [1], layers, compiled, cuda_graphs)[0]) - max(one))
             if keeping_pays(spec) else None)
-    return Probe(static=static, one_row=max(one), two_rows=max(two), backward=(one[1], two[1]), kept=kept, layers=layers,
-                 compiled=compiled, cuda_graphs=cuda_graphs, grads=grads)
+    return Probe(static=static, one_row=max(one), two_rows=max(two), backward=(one[1], two[1]), forward=(one[0], two[0]),
+                 kept=kept, layers=layers, compiled=compiled, cuda_graphs=cuda_graphs, grads=grads)
 
 
 def peaks_at(model, spec, seq_len: int, vocab_size: int, rows: list[int], keep: int = 0, compiled: bool = False,
@@ -309,12 +315,12 @@ def plan(model, spec, budget_gb: float, rows: int | Sequence[int], accumulate: b
         if (micro, keep) in probe.checked_shapes:
             break  # measured, and still the fastest that fits
         try:
-            [phases] = peaks_at(model, spec, seq_len, vocab_size, [micro], keep, probe.compiled, probe.cuda_graphs)
-            above = max(phases)
+            [(forward, backward)] = peaks_at(model, spec, seq_len, vocab_size, [micro], keep, probe.compiled,
+                                             probe.cuda_graphs)
         except torch.cuda.OutOfMemoryError:  # a shape predicted low can be past the card itself
-            above = math.inf
+            forward = backward = math.inf
         torch.cuda.empty_cache()  # the failed step's tensors, released with its exception
-        probe = dataclasses.replace(probe, checked=(*probe.checked, (micro, keep, above)))
+        probe = dataclasses.replace(probe, checked=(*probe.checked, (micro, keep, max(forward, backward), forward)))
         print(f"memory budget {budget_gb:g} GB: {micro} rows x {accum}, {keep} layers kept: "
               f"{chosen.predicted_peak_gb} GB predicted, {probe.peak(micro, keep, accum) / 2**30:.3f} measured",
               file=sys.stderr, flush=True)
@@ -323,5 +329,5 @@ def plan(model, spec, budget_gb: float, rows: int | Sequence[int], accumulate: b
         chosen = choose(probe, budget_gb, rows, accumulate, seq_len, measured_only=True)
     print(f"memory budget {budget_gb:g} GB, probe {asdict(probe)}", file=sys.stderr, flush=True)
     kind = ("compiled+graphs" if probe.cuda_graphs else "compiled") if probe.compiled else "eager"
-    checks = tuple((n, k, round((probe.static + b) / 2**30, 3) if b < math.inf else None) for n, k, b in probe.checked)
+    checks = tuple((n, k, round((probe.static + b) / 2**30, 3) if b < math.inf else None) for n, k, b, _ in probe.checked)
     return dataclasses.replace(chosen, probe=kind, checks=checks)

@@ -95,7 +95,7 @@ def _plan(monkeypatch, budget_gb, compiled, rows=8, graphs=False, bends=0.0, kee
 
     def peaks_at(model, spec, seq_len, vocab_size, rows, keep=0, compiled=False, cuda_graphs=False):
         taken.append((rows[0], keep))
-        return [(0, truth(n, keep, compiled)) for n in rows]  # (forward, backward): only the step's peak counts
+        return [(truth(n, keep, compiled),) * 2 for n in rows]  # (forward, backward): a step that peaks in both
 
     monkeypatch.setattr(budget, "measure", measure)
     monkeypatch.setattr(budget, "peaks_at", peaks_at)
@@ -135,11 +135,11 @@ def test_a_budget_without_a_gpu_or_with_fsdp_is_refused_naming_the_fix():
 def test_between_measured_rows_the_model_draws_chords_and_past_them_carries_the_last_on():
     """A step's peak is the highest of its phases', each linear in the rows, so it bends upwards: chords between
     measured rows err high, the last one carried on errs low (what plan's check of the chosen shape is for)."""
-    probe = dataclasses.replace(PROBE, kept=None, checked=((8, 0, 5 * GB),))  # 1 row: 1 GB, 2: 1.5, 8: 5
+    probe = dataclasses.replace(PROBE, kept=None, checked=((8, 0, 5 * GB, 5 * GB),))  # 1 row: 1 GB, 2: 1.5, 8: 5
     assert probe.peak(2) == pytest.approx(3.5 * GB) and probe.peak(8) == pytest.approx(7 * GB)
     assert probe.peak(5) == pytest.approx(2 * GB + 1.5 * GB + 3 * 3.5 / 6 * GB)  # on the chord from 2 to 8 rows
     assert probe.peak(16) == pytest.approx(2 * GB + 5 * GB + 8 * 3.5 / 6 * GB)  # its slope carried on
-    kept = dataclasses.replace(PROBE, checked=((8, 2, 10 * GB),))  # 2 kept layers at 8 rows: 10 GB, not 8.5
+    kept = dataclasses.replace(PROBE, checked=((8, 2, 10 * GB, 10 * GB),))  # 2 kept layers at 8 rows: 10 GB, not 8.5
     assert kept.peak(8, keep=2) == pytest.approx(12 * GB) and kept.peak(4, keep=4) > PROBE.peak(4, keep=4)
     assert kept.peak(8) == PROBE.peak(8)  # the excess is the kept layers', not the checkpointed rows'
 
@@ -194,3 +194,17 @@ def test_measured_apart_the_forward_and_the_backward_each_carry_on_and_kept_laye
     assert probe.peak(4, keep=4) == pytest.approx(1 * GB + 1.3 * GB + 4 * 0.1 * GB)  # in the forward, on top
     free = budget.fastest(probe, 2 / budget.MARGIN, 8, True, 512)  # as if activations took no memory, either phase
     assert budget.shape(free) == (8, 1, 4) and free.predicted_peak_gb == 1.0
+
+
+def test_what_a_kept_layer_holds_is_read_from_the_forward_of_a_checked_plan_not_from_the_steps_peak():
+    """Where the backward is a step's peak (wide LoRA on an H200, its adapter gradients arriving there), kept layers
+    can raise the forward under it without raising the step's peak: a plan keeping one layer that measured no more
+    than none says nothing about what four would hold. Here the backward holds 1 GB at one row and 0.2 more a row,
+    the forward 0.5 and 0.1 a row, and a kept layer 0.1 GB a row (the one-row probe said 0.25)."""
+    probe = budget.Probe(static=1 * GB, one_row=1 * GB, two_rows=int(1.2 * GB), kept=1 * GB, layers=4,
+                         backward=(1 * GB, int(1.2 * GB)), forward=(GB // 2, int(0.6 * GB)),
+                         checked=((8, 1, 2.4 * GB, 2.0 * GB),))  # 8 rows, 1 kept: forward 1.2 + 0.8, under 2.4
+    assert probe.peak(8, keep=1) == pytest.approx(3.4 * GB)  # what it measured
+    assert probe.peak(8, keep=4) == pytest.approx(1 * GB + 1.2 * GB + 8 * 0.4 * GB)  # the forward's: 5.4 GB
+    steps = dataclasses.replace(probe, forward=None, checked=((8, 1, 2.4 * GB, 2.4 * GB),))  # the step's peaks only
+    assert steps.peak(8, keep=4) == pytest.approx(3.4 * GB)  # the kept layers read as holding nothing: 2 GB low
