@@ -125,7 +125,8 @@ class TrainParams:
     compile: str = _spec(choices=FASTPATH_SETTINGS, doc="torch.compile each decoder layer; auto = on with CUDA")
     cuda_graphs: str = _spec(choices=FASTPATH_SETTINGS, doc="replay the compiled layers as CUDA graphs "
                              "(torch.compile reduce-overhead); auto = on wherever layers are compiled")
-    memory_budget_gb: float = _spec(ge=0, doc="GPU memory a training may use (per device; above the card's: the "
+    memory_budget_gb: float = _spec(ge=0, doc="GPU memory a training may use, in GB of 2^30 bytes as CUDA counts "
+                                             "them (per device; above the card's: the "
                                              "card's); > 0 measures the model and picks the micro-batch and the layers "
                                              "kept uncheckpointed that fit it (ftstudy.budget), overriding "
                                              "gradient_checkpointing and keep_activations; 0 = off")
