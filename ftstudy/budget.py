@@ -50,7 +50,8 @@ class Probe:
     two_rows: int  # and with two
     backward: tuple[int, int] | None = None  # the backward's own peak above static at one and two rows
     forward: tuple[int, int] | None = None  # and the forward's
-    kept: int | None = None  # what one row adds with no layer checkpointed; None: keeping layers does not pay
+    kept: int | None = None  # what one row adds to the forward's peak with no layer checkpointed; None: keeping
+    #                          layers does not pay
     layers: int = 1
     compiled: bool = False  # measured on compiled layers (else eager ones)
     cuda_graphs: bool = False  # replayed as CUDA graphs
@@ -206,7 +207,8 @@ def measure(model, spec, seq_len: int, vocab_size: int, compiled: bool = False, 
     peaks_at(model, spec, seq_len, vocab_size, [1])
     static = torch.cuda.memory_allocated() + held
     one, two = peaks_at(model, spec, seq_len, vocab_size, [1, 2], 0, compiled, cuda_graphs)
-    kept = (max(0, max(peaks_at(model, spec, seq_len, vocab_size, [1], layers, compiled, cuda_graphs)[0]) - max(one))
+    # Kept layers add to the forward (Probe.peak): read from the forwards', as the checks are (Probe._kept).
+    kept = (max(0, peaks_at(model, spec, seq_len, vocab_size, [1], layers, compiled, cuda_graphs)[0][0] - one[0])
             if keeping_pays(spec) else None)
     return Probe(static=static, one_row=max(one), two_rows=max(two), backward=(one[1], two[1]), forward=(one[0], two[0]),
                  kept=kept, layers=layers, compiled=compiled, cuda_graphs=cuda_graphs, grads=grads)

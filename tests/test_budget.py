@@ -208,3 +208,27 @@ def test_what_a_kept_layer_holds_is_read_from_the_forward_of_a_checked_plan_not_
     assert probe.peak(8, keep=4) == pytest.approx(1 * GB + 1.2 * GB + 8 * 0.4 * GB)  # the forward's: 5.4 GB
     steps = dataclasses.replace(probe, forward=None, checked=((8, 1, 2.4 * GB, 2.4 * GB),))  # the step's peaks only
     assert steps.peak(8, keep=4) == pytest.approx(3.4 * GB)  # the kept layers read as holding nothing: 2 GB low
+
+
+def test_the_probe_reads_what_kept_layers_add_from_the_forwards_as_the_model_adds_them(monkeypatch):
+    """budget.measure with its steps stood in for: at one row the backward (1 GB) is the step's peak and keeping all
+    4 layers raises only the forward (0.5 GB to 0.8), so the steps' peaks alike would read kept layers as free."""
+
+    def peaks_at(model, spec, seq_len, vocab_size, rows, keep=0, compiled=False, cuda_graphs=False):
+        return [(int((0.5 + 0.1 * (n - 1) + 0.3 * n * keep / 4) * GB), int((1 + 0.2 * (n - 1)) * GB)) for n in rows]
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.layers = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(4))  # 24 trained values
+            self.lm_head = torch.nn.Linear(2, 3, bias=False).requires_grad_(False)
+
+    monkeypatch.setattr(budget, "peaks_at", peaks_at)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 2 * GB)
+    probe = budget.measure(LM(), SimpleNamespace(galore=None, layerwise=False, eight_bit=False), 512, 3)
+    assert probe.static == 2 * GB + 24 * 4 * 2 and probe.grads == 24 * 4  # fp32 Adam's two moments; the gradients
+    assert (probe.one_row, probe.two_rows) == (1 * GB, int(1.2 * GB))  # the steps' peaks: the backward's
+    assert probe.forward == (GB // 2, int(0.6 * GB)) and probe.backward == (1 * GB, int(1.2 * GB))
+    assert probe.kept == pytest.approx(0.3 * GB, abs=1) and probe.layers == 4
+    assert probe.peak(8, keep=4) == pytest.approx(probe.static + (1.2 + 8 * 0.3) * GB, abs=8)  # the forward's: 3.6
