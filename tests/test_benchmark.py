@@ -52,7 +52,6 @@ def test_tiny_generation_benchmark_runs_the_evaluate_path(tmp_path):
 def test_speed_counts_model_flops_per_token_as_written_down():
     """A hand count on a toy shape: weights 40 a layer (q, k, v, o 4 each; gate, up, down 8 each), attention over
     a mean context of 2, a head of 2 x 10 at half the tokens."""
-    speed = _benchmark("speed")
     arch = dict(vocab_size=10, hidden_size=2, intermediate_size=4, num_hidden_layers=1, num_attention_heads=1,
                 num_key_value_heads=1, head_dim=2)
     # full: forward 80 + attention 16; backward 80 + 32 + weight gradients 80; head 10 x 3 passes x 2.
